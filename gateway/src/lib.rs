@@ -2,9 +2,15 @@
 //! `sync-agent`.
 //!
 //! - [`protocol`]: the wire contract (frames, codec, authentication), shared by both programs.
+//! - [`server`]: the gateway's data port, sessions and disk writers.
+//! - [`backend`]: volumes and snapshots (`local` today; cloud backends implement the same).
+//! - [`config`]: the one config struct.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
 //! - [`agent`]: the reference agent that scans a source and streams its changes.
 
 pub mod agent;
+pub mod backend;
+pub mod config;
 pub mod durable;
 pub mod protocol;
+pub mod server;

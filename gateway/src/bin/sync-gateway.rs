@@ -1,1 +1,169 @@
-fn main(){}
+//! `sync-gateway`: the appliance's replication service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sync_gateway::backend::Backend;
+use sync_gateway::config::{Config, LogFormat};
+use sync_gateway::protocol::auth::DiskKey;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "sync-gateway", version, about = "Cloud-side sync gateway")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve agents on the data port until SIGTERM or SIGINT.
+    Run {
+        /// TOML config file (see README: "Configuration").
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config (keys included) and print the effective settings.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List snapshots: id, disk, checkpoint label, time.
+    Snapshots {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<String>,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a new random replication key (64 hex characters, mode 0600).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, e)) => {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            eprintln!("sync-gateway: error: {msg}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+type Failure = (i32, Box<dyn std::error::Error>);
+
+fn fail<E: std::error::Error + 'static>(code: i32) -> impl FnOnce(E) -> Failure {
+    move |e| (code, Box::new(e) as Box<dyn std::error::Error>)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sync-gateway")
+        .build()
+        .map_err(fail(1))
+}
+
+fn real_main(cli: Cli) -> Result<(), Failure> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let config = Config::load(&config).map_err(fail(2))?;
+            init_logging(&config);
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let cancel = CancellationToken::new();
+                tokio::spawn(shutdown_on_signal(cancel.clone()));
+                sync_gateway::server::run(config, cancel)
+                    .await
+                    .map_err(|e| (e.exit_code(), Box::new(e) as Box<dyn std::error::Error>))
+            })
+        }
+        Cmd::CheckConfig { config } => {
+            let config = Config::load(&config).map_err(fail(2))?;
+            config.load_keys().map_err(fail(2))?;
+            print!("{}", config.to_toml());
+            eprintln!(
+                "config ok: {} disk(s), data dir {}",
+                config.disks.len(),
+                config.data_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Snapshots { config, disk, json } => {
+            let config = Config::load(&config).map_err(fail(2))?;
+            let backend = Backend::from_config(&config);
+            let snaps = runtime()?
+                .block_on(backend.list_snapshots(disk.as_deref()))
+                .map_err(fail(1))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&snaps).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{:<36} {:<16} {:<24} {:>8} CREATED",
+                    "SNAPSHOT", "DISK", "CHECKPOINT", "SEQ"
+                );
+                for s in snaps {
+                    println!(
+                        "{:<36} {:<16} {:<24} {:>8} {}",
+                        s.id, s.disk_id, s.label, s.checkpoint_seq, s.created
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Keygen { out } => {
+            let key = DiskKey::generate();
+            sync_gateway::durable::atomic_write(&out, format!("{}\n", key.to_hex()).as_bytes(), 0o600)
+                .map_err(fail(1))?;
+            eprintln!("wrote a new replication key to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("SYNC_GATEWAY_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    cancel.cancel();
+}

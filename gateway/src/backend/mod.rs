@@ -1,0 +1,151 @@
+//! Volumes and snapshots behind one interface. Each backend kind is a variant of [`Backend`];
+//! the replication path only sees [`Volume`] and [`SnapshotInfo`].
+
+pub mod local;
+pub mod volume;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use local::LocalBackend;
+pub use volume::{AlignedBuf, BufferPool, Volume};
+
+use crate::config::{BackendConfig, Config};
+
+/// A point-in-time copy of a disk, taken at a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Snapshot id (unique per disk).
+    pub id: String,
+    /// Disk the snapshot was taken of.
+    pub disk_id: String,
+    /// The checkpoint label the agent gave.
+    pub label: String,
+    /// Sequence number of the checkpoint.
+    pub checkpoint_seq: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Size of the disk in bytes.
+    pub size_bytes: u64,
+    /// How the copy was made: `reflink` or `sparse-copy`.
+    pub method: String,
+    /// Where the snapshot's content lives (local backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+/// What a checkpoint asks the backend to capture.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    pub disk_id: String,
+    pub label: String,
+    pub checkpoint_seq: u64,
+}
+
+/// Errors from a backend, with the disk or snapshot they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("disk {disk}: cannot {action} {path}")]
+    Io {
+        disk: String,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {disk}: snapshot {snapshot} not found")]
+    SnapshotNotFound { disk: String, snapshot: String },
+    #[error("disk {disk}: existing volume {path} is {found} bytes, expected {expected}")]
+    SizeMismatch {
+        disk: String,
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("bad snapshot metadata {path}: {message}")]
+    Metadata { path: PathBuf, message: String },
+}
+
+impl BackendError {
+    /// Whether retrying the same call may succeed (transient I/O).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BackendError::Io { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock))
+    }
+}
+
+/// The configured backend.
+#[derive(Debug)]
+pub enum Backend {
+    Local(LocalBackend),
+}
+
+impl Backend {
+    /// Builds the backend named in the config.
+    pub fn from_config(config: &Config) -> Self {
+        match &config.backend {
+            BackendConfig::Local { direct_io } => {
+                Backend::Local(LocalBackend::new(config.data_dir.clone(), *direct_io))
+            }
+        }
+    }
+
+    /// Provisions (or reopens) the volume of `disk_id`, `size` bytes.
+    pub async fn open_volume(&self, disk_id: &str, size: u64) -> Result<Volume, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, id) = (b.clone(), disk_id.to_string());
+                blocking(move || b.open_volume(&id, size)).await
+            }
+        }
+    }
+
+    /// Takes a snapshot of a volume whose writes are already durable.
+    pub async fn create_snapshot(
+        &self,
+        volume: std::sync::Arc<Volume>,
+        req: SnapshotRequest,
+    ) -> Result<SnapshotInfo, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let b = b.clone();
+                blocking(move || b.create_snapshot(&volume, &req)).await
+            }
+        }
+    }
+
+    /// Snapshots of one disk, or of all disks, oldest first.
+    pub async fn list_snapshots(
+        &self,
+        disk_id: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, id) = (b.clone(), disk_id.map(str::to_string));
+                blocking(move || b.list_snapshots(id.as_deref())).await
+            }
+        }
+    }
+
+    /// SHA-256 of a snapshot's content.
+    pub async fn snapshot_digest(&self, snap: &SnapshotInfo) -> Result<[u8; 32], BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, s) = (b.clone(), snap.clone());
+                blocking(move || b.snapshot_digest(&s)).await
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}

@@ -1,0 +1,387 @@
+//! The gateway's one config struct: loaded from TOML, overridden from the environment.
+//!
+//! Every field has a doc comment and a default; `sync-gateway check-config` prints the
+//! effective configuration. Unknown keys are rejected, in the file and in the environment.
+//!
+//! Environment overrides: `SYNC_GATEWAY_<KEY>` sets a top-level key, `SYNC_GATEWAY_<TABLE>__<KEY>`
+//! a key in a table (`SYNC_GATEWAY_LIMITS__SYNC_BYTES=8388608`). Values parse as TOML values
+//! when they can, else as strings. `[[disks]]` cannot be set from the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{self, auth::DiskKey, MAX_BLOCK_LEN};
+
+/// Environment prefix for overrides.
+pub const ENV_PREFIX: &str = "SYNC_GATEWAY_";
+
+/// Gateway configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the data port that agents connect to. Port 0 picks a free port; the bound
+    /// address is written to `DATA_DIR/listen.addr`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory for volumes (local backend), snapshots and replication state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where volumes and snapshots live.
+    #[serde(default)]
+    pub backend: BackendConfig,
+    /// Resource bounds and batching.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Log output.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Disks served in standalone mode (no control plane).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Which backend provides volumes and snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// Sparse files under `DATA_DIR/disks`, snapshots under `DATA_DIR/snapshots`.
+    Local {
+        /// Write with O_DIRECT from aligned buffers when the filesystem allows it (it falls
+        /// back to buffered writes by itself when it does not).
+        #[serde(default = "yes")]
+        direct_io: bool,
+    },
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Local { direct_io: true }
+    }
+}
+
+/// Resource bounds. Memory held for in-flight data never exceeds `gateway_inflight_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent agent connections; a connection beyond this waits in the accept queue.
+    pub max_connections: usize,
+    /// Largest uncompressed block accepted in one data frame (at most 8 MiB).
+    pub max_block_bytes: u32,
+    /// Bytes received but not yet written that one connection may hold; also the window
+    /// announced to the agent. A slow disk fills its own window and slows only its own agent.
+    pub connection_inflight_bytes: u64,
+    /// Bytes received but not yet written across all connections.
+    pub gateway_inflight_bytes: u64,
+    /// Written-but-unsynced bytes that trigger an `fdatasync` and an ack.
+    pub sync_bytes: u64,
+    /// Idle time after the last write before unsynced data is synced and acked anyway.
+    pub sync_linger_ms: u64,
+    /// Time allowed for preamble, hello and auth.
+    pub handshake_timeout_secs: u64,
+    /// An authenticated agent silent for this long (also mid-frame) is disconnected.
+    pub idle_timeout_secs: u64,
+    /// On shutdown, how long to wait for in-flight writes to become durable.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            max_block_bytes: 1 << 20,
+            connection_inflight_bytes: 64 << 20,
+            gateway_inflight_bytes: 1 << 30,
+            sync_bytes: 16 << 20,
+            sync_linger_ms: 5,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 120,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// Filter in `tracing` syntax, e.g. `info` or `sync_gateway=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One replicated disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Disk id the agent names (letters, digits, `-`, `_`, `.`; at most 64).
+    pub id: String,
+    /// Size of the source disk in bytes; the agent must announce the same size.
+    pub size_bytes: u64,
+    /// File holding the 32-byte replication key as 64 hex characters.
+    pub key_file: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 1500))
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sync-gateway")
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why a config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("disk {disk}: {source}")]
+    Key {
+        disk: String,
+        #[source]
+        source: protocol::auth::KeyError,
+    },
+}
+
+impl Config {
+    /// Loads `path`, applies environment overrides and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut value, env)?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if l.max_block_bytes < 4096 || l.max_block_bytes > MAX_BLOCK_LEN {
+            return bad(format!(
+                "limits.max_block_bytes must be between 4096 and {MAX_BLOCK_LEN}"
+            ));
+        }
+        if l.connection_inflight_bytes < 2 * u64::from(l.max_block_bytes) {
+            return bad("limits.connection_inflight_bytes must hold two blocks".into());
+        }
+        if l.gateway_inflight_bytes < l.connection_inflight_bytes {
+            return bad(
+                "limits.gateway_inflight_bytes must be at least connection_inflight_bytes".into(),
+            );
+        }
+        if l.gateway_inflight_bytes > u64::from(u32::MAX) {
+            return bad("limits.gateway_inflight_bytes must be below 4 GiB".into());
+        }
+        if l.max_connections == 0 {
+            return bad("limits.max_connections must be at least 1".into());
+        }
+        if l.sync_bytes == 0 {
+            return bad("limits.sync_bytes must be positive".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.disks {
+            if !protocol::valid_disk_id(&d.id) {
+                return bad(format!(
+                    "disk id {:?} must be 1-64 of letters, digits, '-', '_', '.' and not start with '.'",
+                    d.id
+                ));
+            }
+            if !seen.insert(d.id.as_str()) {
+                return bad(format!("disk id {:?} appears twice", d.id));
+            }
+            if d.size_bytes == 0 {
+                return bad(format!("disk {}: size_bytes must be positive", d.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads every disk's key, failing on the first unreadable one.
+    pub fn load_keys(&self) -> Result<Vec<(DiskConfig, DiskKey)>, ConfigError> {
+        self.disks
+            .iter()
+            .map(|d| {
+                DiskKey::load(&d.key_file)
+                    .map(|k| (d.clone(), k))
+                    .map_err(|source| ConfigError::Key {
+                        disk: d.id.clone(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// The effective config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest == "LOG" {
+            continue; // SYNC_GATEWAY_LOG is the log filter, read by main
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) || path.len() > 2 {
+            return Err(ConfigError::Invalid(format!(
+                "environment variable {name} does not name a config key"
+            )));
+        }
+        let value = parse_env_value(&raw);
+        let slot = if path.len() == 1 {
+            &mut *table
+        } else {
+            let entry = table
+                .entry(path[0].clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "environment variable {name}: {} is not a table",
+                        path[0]
+                    )))
+                }
+            }
+        };
+        slot.insert(path[path.len() - 1].clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    #[derive(Deserialize)]
+    struct Probe {
+        v: toml::Value,
+    }
+    match toml::from_str::<Probe>(&format!("v = {raw}")) {
+        Ok(p) => p.v,
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const ISSUE_EXAMPLE: &str = r#"
+listen = "127.0.0.1:1500"
+data_dir = "/var/lib/sync-gateway"
+[backend]
+kind = "local"
+[[disks]]
+id = "disk-1"
+size_bytes = 67108864
+key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex characters
+"#;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn the_documented_example_loads() {
+        let c = Config::from_toml(ISSUE_EXAMPLE, "test", no_env()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:1500");
+        assert_eq!(c.disks[0].size_bytes, 64 << 20);
+        assert!(matches!(c.backend, BackendConfig::Local { direct_io: true }));
+        assert_eq!(c.limits.sync_bytes, 16 << 20);
+        // the rendered effective config loads again
+        Config::from_toml(&c.to_toml(), "rendered", no_env()).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml("listn = \"1.2.3.4:5\"", "t", no_env()).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let e = Config::from_toml("[limits]\nsync_byte = 1", "t", no_env()).unwrap_err();
+        assert!(e.to_string().contains("sync_byte"), "{e}");
+        let e = Config::from_toml("[backend]\nkind = \"floppy\"", "t", no_env()).unwrap_err();
+        assert!(e.to_string().contains("floppy"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env = vec![
+            ("SYNC_GATEWAY_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            ("SYNC_GATEWAY_DATA_DIR".into(), "/tmp/x".into()),
+            ("SYNC_GATEWAY_LIMITS__SYNC_BYTES".into(), "8388608".into()),
+            ("SYNC_GATEWAY_LOG".into(), "debug".into()),
+            ("OTHER".into(), "1".into()),
+        ];
+        let c = Config::from_toml(ISSUE_EXAMPLE, "t", env).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.limits.sync_bytes, 8 << 20);
+        let env = vec![("SYNC_GATEWAY_LIMITS__NOPE".to_string(), "1".to_string())];
+        assert!(Config::from_toml(ISSUE_EXAMPLE, "t", env).is_err());
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let dup = format!("{ISSUE_EXAMPLE}\n[[disks]]\nid = \"disk-1\"\nsize_bytes = 1\nkey_file = \"k\"\n");
+        let e = Config::from_toml(&dup, "t", no_env()).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        let bad_id = "[[disks]]\nid = \"../x\"\nsize_bytes = 1\nkey_file = \"k\"\n";
+        assert!(Config::from_toml(bad_id, "t", no_env()).is_err());
+    }
+}

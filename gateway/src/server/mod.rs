@@ -1,0 +1,208 @@
+//! The gateway's data port: accepts agents, authenticates them, and writes their streams.
+//!
+//! Bounds: a connection permit is taken before `accept` (so excess agents wait in the kernel's
+//! backlog, costing nothing here); each connection's undecoded-and-unwritten bytes are weighed
+//! against its own budget and the gateway's; each disk has its own writer thread, so one slow
+//! disk fills only its own budget and slows only its own agent.
+//!
+//! Shutdown: one [`CancellationToken`]. The accept loop stops, every session stops reading,
+//! drains its writer (everything received becomes durable and is acked) and closes; `run`
+//! waits for that up to `limits.drain_timeout_secs`.
+
+pub mod disk;
+pub mod session;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::backend::{Backend, BackendError, BufferPool};
+use crate::config::{Config, ConfigError, Limits};
+use crate::durable;
+use crate::protocol::ErrorCode;
+use disk::{Disk, DiskRegistry, DiskState};
+
+/// Why a session ended badly: the code sent to the agent and a message for both sides.
+#[derive(Debug, Clone)]
+pub struct SessionError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl SessionError {
+    /// The peer did something wrong (or went away).
+    pub fn peer(code: ErrorCode, message: impl Into<String>) -> Self {
+        SessionError {
+            code,
+            message: message.into(),
+        }
+    }
+    /// The disk or backend failed; the agent may retry.
+    pub fn storage(message: impl Into<String>) -> Self {
+        SessionError::peer(ErrorCode::Storage, message)
+    }
+    /// A bug or resource failure in the gateway.
+    pub fn internal(message: impl Into<String>) -> Self {
+        SessionError::peer(ErrorCode::Storage, message)
+    }
+}
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub disks: DiskRegistry,
+    pub backend: Arc<Backend>,
+    pub limits: Limits,
+    /// Gateway-wide budget of in-flight bytes.
+    pub budget: Arc<Semaphore>,
+    pub pool: Arc<BufferPool>,
+    pub cancel: CancellationToken,
+}
+
+/// Why the gateway could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot prepare disk {disk}")]
+    Backend {
+        disk: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot load replication state of disk {disk} from {dir}")]
+    State {
+        disk: String,
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl GatewayError {
+    /// Process exit code: 2 for configuration problems, 1 for the rest.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            GatewayError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Opens every configured disk, then serves agents until `cancel` fires.
+pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), GatewayError> {
+    let backend = Arc::new(Backend::from_config(&config));
+    let disks = DiskRegistry::default();
+    let state_dir = config.data_dir.join("state");
+    for (dc, key) in config.load_keys()? {
+        let volume = backend
+            .open_volume(&dc.id, dc.size_bytes)
+            .await
+            .map_err(|source| GatewayError::Backend {
+                disk: dc.id.clone(),
+                source,
+            })?;
+        let state = DiskState::load(&state_dir, &dc.id).map_err(|source| GatewayError::State {
+            disk: dc.id.clone(),
+            dir: state_dir.display().to_string(),
+            source,
+        })?;
+        let p = state.point();
+        info!(disk = %dc.id, size = dc.size_bytes, volume = %volume.path().display(),
+            durable_seq = p.seq, checkpoint_seq = p.checkpoint_seq, "disk ready");
+        disks.insert(Disk::new(dc.id, dc.size_bytes, key, volume, state));
+    }
+    if disks.is_empty() {
+        warn!("no disks configured: every agent will be refused with unknown_disk");
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| GatewayError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let addr_file = config.data_dir.join("listen.addr");
+    durable::atomic_write(&addr_file, format!("{local}\n").as_bytes(), 0o644).map_err(
+        |source| GatewayError::Write {
+            path: addr_file.display().to_string(),
+            source,
+        },
+    )?;
+    let limits = config.limits.clone();
+    let block = limits.max_block_bytes as usize;
+    let shared = Arc::new(Shared {
+        disks,
+        backend,
+        budget: Arc::new(Semaphore::new(limits.gateway_inflight_bytes as usize)),
+        pool: Arc::new(BufferPool::new(
+            block,
+            (limits.gateway_inflight_bytes as usize / block).min(256),
+        )),
+        limits,
+        cancel: cancel.clone(),
+    });
+    info!(addr = %local, disks = shared.disks.len(), version = env!("CARGO_PKG_VERSION"),
+        "sync-gateway listening");
+
+    let conn_permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = conn_permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            session::serve(stream, peer, shared).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let drain = Duration::from_secs(shared.limits.drain_timeout_secs + 5);
+    info!(sessions = tracker.len(), "shutting down: draining sessions");
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        warn!("sessions still open after the drain deadline");
+    }
+    info!("sync-gateway stopped");
+    Ok(())
+}

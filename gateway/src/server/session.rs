@@ -1,0 +1,359 @@
+//! One agent connection: handshake, then the streaming loop that feeds the writer.
+//!
+//! Nothing the peer sends is trusted: the frame length is capped before buffering, every
+//! header is range-checked against the disk before any buffer is allocated for it, the digest
+//! is recomputed, and sequence numbers must increase. Any violation ends this session with an
+//! `Error` frame naming it; other sessions are untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::disk::Disk;
+use super::writer::{verify, Writer, WriterCmd};
+use super::{SessionError, Shared};
+use crate::protocol::auth::{self, Transcript};
+use crate::protocol::{self, ErrorCode, Frame, FrameCodec, Welcome, PREAMBLE};
+
+type Conn = Framed<TcpStream, FrameCodec>;
+
+/// Serves one connection to its end. Never panics on peer input; logs how it ended.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let started = Instant::now();
+    let mut conn = Framed::new(stream, FrameCodec::new(shared.limits.max_block_bytes));
+    let outcome = match handshake(&mut conn, &shared).await {
+        Ok((disk, version, proof)) => {
+            stream_disk(conn, disk, version, proof, peer, &shared, started).await
+        }
+        Err(e) => {
+            warn!(%peer, code = %e.code, error = %e.message, "handshake refused");
+            send_error(&mut conn, &e).await;
+            return;
+        }
+    };
+    if let Err(e) = outcome {
+        warn!(%peer, code = %e.code, error = %e.message, "session failed");
+    }
+}
+
+async fn send_error(conn: &mut Conn, e: &SessionError) {
+    let frame = Frame::error(e.code, e.message.clone());
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(frame)).await;
+}
+
+/// Preamble, hello, challenge, auth. Returns the authenticated disk, the version and the
+/// gateway's proof of the key for the Welcome.
+async fn handshake(
+    conn: &mut Conn,
+    shared: &Shared,
+) -> Result<(Arc<Disk>, u16, [u8; 32]), SessionError> {
+    let deadline = Duration::from_secs(shared.limits.handshake_timeout_secs);
+    let timed_out = || SessionError::peer(ErrorCode::Timeout, "handshake timed out");
+    let mut pre = [0u8; 4];
+    tokio::time::timeout(deadline, conn.get_mut().read_exact(&mut pre))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| SessionError::peer(ErrorCode::BadPreamble, format!("no preamble: {e}")))?;
+    if pre != PREAMBLE {
+        return Err(SessionError::peer(
+            ErrorCode::BadPreamble,
+            format!(
+                "expected preamble {:?}, got {:02x?}: not a sync-agent",
+                String::from_utf8_lossy(&PREAMBLE),
+                pre
+            ),
+        ));
+    }
+    let hello = match next_frame(conn, deadline).await? {
+        Frame::Hello(h) => h,
+        other => return Err(unexpected(&other, "hello")),
+    };
+    let Some(version) = protocol::negotiate(hello.min_version, hello.max_version) else {
+        return Err(SessionError::peer(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "agent offers versions {}..={}, gateway speaks {}..={}",
+                hello.min_version,
+                hello.max_version,
+                protocol::MIN_VERSION,
+                protocol::MAX_VERSION
+            ),
+        ));
+    };
+    let Some(disk) = shared.disks.get(&hello.disk_id) else {
+        return Err(SessionError::peer(
+            ErrorCode::UnknownDisk,
+            format!("no disk {:?} on this gateway", hello.disk_id),
+        ));
+    };
+    if hello.disk_size != disk.size {
+        return Err(SessionError::peer(
+            ErrorCode::DiskSizeMismatch,
+            format!(
+                "disk {}: agent announces {} bytes, gateway volume is {} bytes",
+                disk.id, hello.disk_size, disk.size
+            ),
+        ));
+    }
+    let server_nonce: [u8; 32] = rand::random();
+    conn.send(Frame::Challenge {
+        version,
+        server_nonce,
+    })
+    .await
+    .map_err(|e| SessionError::peer(ErrorCode::TruncatedFrame, e.to_string()))?;
+    let (client_nonce, mac) = match next_frame(conn, deadline).await? {
+        Frame::Auth { client_nonce, mac } => (client_nonce, mac),
+        other => return Err(unexpected(&other, "auth")),
+    };
+    let transcript = Transcript {
+        version,
+        server_nonce: &server_nonce,
+        client_nonce: &client_nonce,
+        disk_size: disk.size,
+        disk_id: &disk.id,
+    };
+    if !auth::verify_agent(disk.key(), &transcript, &mac) {
+        return Err(SessionError::peer(
+            ErrorCode::AuthFailed,
+            format!("disk {}: agent key does not match", disk.id),
+        ));
+    }
+    let proof = auth::gateway_proof(disk.key(), &transcript);
+    Ok((disk, version, proof))
+}
+
+async fn next_frame(conn: &mut Conn, deadline: Duration) -> Result<Frame, SessionError> {
+    match tokio::time::timeout(deadline, conn.next()).await {
+        Err(_) => Err(SessionError::peer(ErrorCode::Timeout, "peer went silent")),
+        Ok(None) => Err(SessionError::peer(
+            ErrorCode::TruncatedFrame,
+            "connection closed by peer",
+        )),
+        Ok(Some(Err(e))) => Err(SessionError::peer(e.code(), e.to_string())),
+        Ok(Some(Ok(Frame::Error { code, message }))) => Err(SessionError::peer(
+            code,
+            format!("agent reported: {message}"),
+        )),
+        Ok(Some(Ok(f))) => Ok(f),
+    }
+}
+
+fn unexpected(f: &Frame, wanted: &str) -> SessionError {
+    SessionError::peer(
+        ErrorCode::Malformed,
+        format!("expected a {wanted} frame, got {}", f.name()),
+    )
+}
+
+async fn stream_disk(
+    mut conn: Conn,
+    disk: Arc<Disk>,
+    version: u16,
+    proof: [u8; 32],
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    started: Instant,
+) -> Result<(), SessionError> {
+    let claim = disk.claim(&shared.cancel);
+    // Wait for a superseded session of this disk to drain its writes.
+    let wait = Duration::from_secs(shared.limits.drain_timeout_secs + 5);
+    let _active = match tokio::time::timeout(wait, disk.active.clone().lock_owned()).await {
+        Ok(g) => g,
+        Err(_) => {
+            let e = SessionError::peer(
+                ErrorCode::Busy,
+                format!("disk {}: previous session still draining", disk.id),
+            );
+            send_error(&mut conn, &e).await;
+            return Err(e);
+        }
+    };
+    if !disk.is_latest(&claim) {
+        let e = SessionError::peer(ErrorCode::Superseded, "a newer session took over");
+        send_error(&mut conn, &e).await;
+        return Err(e);
+    }
+    let (point, ckpt) = {
+        let st = disk.state();
+        (st.point(), st.checkpoint().cloned())
+    };
+    let welcome = Welcome {
+        server_proof: proof,
+        durable_seq: point.seq,
+        resume_offset: point.resume_offset,
+        checkpoint_seq: point.checkpoint_seq,
+        max_payload: shared.limits.max_block_bytes,
+        window: shared.limits.connection_inflight_bytes,
+        checkpoint_label: ckpt.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
+        snapshot_id: ckpt.map(|c| c.snapshot.id).unwrap_or_default(),
+    };
+    conn.send(Frame::Welcome(welcome))
+        .await
+        .map_err(|e| SessionError::peer(ErrorCode::TruncatedFrame, e.to_string()))?;
+    info!(disk = %disk.id, %peer, version, durable_seq = point.seq, "agent authenticated");
+
+    let (mut sink, mut source) = conn.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Frame>(256);
+    let sender = tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            if sink.send(f).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let failed = CancellationToken::new();
+    let (cmd_tx, cmd_rx) = mpsc::channel::<WriterCmd>(64);
+    let writer = Writer::new(
+        disk.clone(),
+        shared.backend.clone(),
+        shared.pool.clone(),
+        tokio::runtime::Handle::current(),
+        out_tx.clone(),
+        shared.limits.sync_bytes,
+        Duration::from_millis(shared.limits.sync_linger_ms),
+        failed.clone(),
+    );
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("write-{}", disk.id))
+        .spawn(move || {
+            let _ = done_tx.send(writer.run(cmd_rx));
+        })
+        .map_err(|e| SessionError::internal(format!("cannot start writer thread: {e}")))?;
+
+    let idle = Duration::from_secs(shared.limits.idle_timeout_secs);
+    let mut last_seq = point.seq;
+    let mut frames = 0u64;
+    let mut bytes_in = 0u64;
+    let conn_budget = Arc::new(tokio::sync::Semaphore::new(
+        shared.limits.connection_inflight_bytes as usize,
+    ));
+    let read_result: Result<(), SessionError> = loop {
+        let frame = tokio::select! {
+            _ = claim.token.cancelled() => break Err(if shared.cancel.is_cancelled() {
+                SessionError::peer(ErrorCode::ShuttingDown, "gateway is shutting down")
+            } else {
+                SessionError::peer(ErrorCode::Superseded, "a newer session for this disk took over")
+            }),
+            _ = failed.cancelled() => break Ok(()),
+            r = tokio::time::timeout(idle, source.next()) => match r {
+                Err(_) => break Err(SessionError::peer(ErrorCode::Timeout,
+                    format!("no complete frame for {}s", idle.as_secs()))),
+                Ok(None) => break Ok(()),
+                Ok(Some(Err(e))) => break Err(SessionError::peer(e.code(), e.to_string())),
+                Ok(Some(Ok(f))) => f,
+            },
+        };
+        frames += 1;
+        match frame {
+            Frame::Data(d) => {
+                if d.seq <= last_seq {
+                    break Err(SessionError::peer(
+                        ErrorCode::SequenceRegression,
+                        format!("seq {} after {last_seq}", d.seq),
+                    ));
+                }
+                if d.end() > disk.size {
+                    break Err(SessionError::peer(
+                        ErrorCode::OutOfRange,
+                        format!(
+                            "seq {}: write of {} bytes at offset {} ends past the disk end {}",
+                            d.seq, d.length, d.offset, disk.size
+                        ),
+                    ));
+                }
+                if d.length > shared.limits.max_block_bytes {
+                    break Err(SessionError::peer(
+                        ErrorCode::FrameTooLarge,
+                        format!("block of {} bytes over the limit {}", d.length, shared.limits.max_block_bytes),
+                    ));
+                }
+                last_seq = d.seq;
+                bytes_in += d.payload.len() as u64;
+                // Weigh the block by what it will occupy once decompressed.
+                let weight = if d.is_zero() { 1 } else { d.length.max(1) };
+                let permits = tokio::select! {
+                    _ = claim.token.cancelled() => break Err(SessionError::peer(
+                        ErrorCode::ShuttingDown, "session cancelled")),
+                    p = async {
+                        let c = conn_budget.clone().acquire_many_owned(weight).await;
+                        let g = shared.budget.clone().acquire_many_owned(weight).await;
+                        (c, g)
+                    } => match p {
+                        (Ok(c), Ok(g)) => (c, g),
+                        _ => break Err(SessionError::internal("budget closed")),
+                    },
+                };
+                let pool = shared.pool.clone();
+                let block = tokio::task::spawn_blocking(move || verify(d, &pool));
+                if cmd_tx.send(WriterCmd::Write { block, permits }).await.is_err() {
+                    break Ok(()); // writer failed; its error is reported below
+                }
+            }
+            Frame::Checkpoint(c) => {
+                if c.seq <= last_seq {
+                    break Err(SessionError::peer(
+                        ErrorCode::SequenceRegression,
+                        format!("checkpoint seq {} after {last_seq}", c.seq),
+                    ));
+                }
+                last_seq = c.seq;
+                if cmd_tx.send(WriterCmd::Checkpoint(c)).await.is_err() {
+                    break Ok(());
+                }
+            }
+            Frame::Error { code, message } => {
+                info!(disk = %disk.id, %code, %message, "agent reported an error");
+                break Ok(());
+            }
+            other => break Err(unexpected(&other, "data or checkpoint")),
+        }
+    };
+
+    // Drain: the writer makes everything received durable and acks it, then stops.
+    drop(cmd_tx);
+    let drain = Duration::from_secs(shared.limits.drain_timeout_secs);
+    let (stats, write_result) = match tokio::time::timeout(drain, done_rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => (
+            Default::default(),
+            Err(SessionError::internal("writer thread died")),
+        ),
+        Err(_) => {
+            warn!(disk = %disk.id, "writer did not drain within {}s", drain.as_secs());
+            (
+                Default::default(),
+                Err(SessionError::storage("drain deadline passed")),
+            )
+        }
+    };
+    let _ = thread; // detached if it missed the deadline; it still finishes its syncs
+    let result = read_result.and(write_result);
+    if let Err(e) = &result {
+        let _ = out_tx.send(Frame::error(e.code, e.message.clone())).await;
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
+    let secs = started.elapsed().as_secs_f64();
+    info!(
+        disk = %disk.id, %peer, frames, bytes_in,
+        bytes_written = stats.bytes_written, bytes_zeroed = stats.bytes_zeroed,
+        syncs = stats.syncs, checkpoints = stats.checkpoints,
+        durable_seq = disk.state().point().seq,
+        secs = format!("{secs:.3}"),
+        mb_per_s = format!("{:.1}", (stats.bytes_written + stats.bytes_zeroed) as f64 / secs.max(1e-9) / 1e6),
+        "session closed"
+    );
+    result
+}

@@ -1,0 +1,355 @@
+//! The write side of a session: verification on the blocking pool, then one writer thread per
+//! session that applies blocks in sequence order, batches `fdatasync`s, persists the durable
+//! point and sends acks.
+//!
+//! ```text
+//! reader task ──Data──▶ spawn_blocking(verify: LZ4 → aligned buffer, SHA-256)   (parallel)
+//!      │                         │ JoinHandle, in sequence order
+//!      └──────── WriterCmd ──────▶ writer thread: write / punch hole ─▶ fdatasync every
+//!                                  sync_bytes or after sync_linger idle ─▶ persist point ─▶ Ack
+//! ```
+//!
+//! An ack therefore never runs ahead of `fdatasync` of the data and of the durable point.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::disk::{CheckpointRecord, Disk};
+use super::SessionError;
+use crate::backend::{AlignedBuf, Backend, BufferPool, SnapshotRequest};
+use crate::durable::DurablePoint;
+use crate::protocol::frame::CHECKPOINT_VERIFY;
+use crate::protocol::{Checkpoint, CheckpointAck, Data, ErrorCode, Frame};
+
+/// A block whose digest has been checked.
+#[derive(Debug)]
+pub enum Verified {
+    Bytes {
+        seq: u64,
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    Zero {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Decompresses into an aligned buffer and recomputes the SHA-256. CPU-bound: run it on the
+/// blocking pool.
+pub fn verify(d: Data, pool: &BufferPool) -> Result<Verified, SessionError> {
+    if d.is_zero() {
+        return Ok(Verified::Zero {
+            seq: d.seq,
+            offset: d.offset,
+            len: u64::from(d.length),
+        });
+    }
+    let len = d.length as usize;
+    let mut buf = pool.get(len);
+    let out = buf.prepare(len);
+    if d.is_lz4() {
+        match lz4_flex::block::decompress_into(&d.payload, out) {
+            Ok(n) if n == len => {}
+            Ok(n) => {
+                pool.put(buf);
+                return Err(SessionError::peer(
+                    ErrorCode::Malformed,
+                    format!(
+                        "seq {}: LZ4 payload decompressed to {n} bytes, frame says {len}",
+                        d.seq
+                    ),
+                ));
+            }
+            Err(e) => {
+                pool.put(buf);
+                return Err(SessionError::peer(
+                    ErrorCode::Malformed,
+                    format!("seq {}: LZ4 payload does not decompress: {e}", d.seq),
+                ));
+            }
+        }
+    } else {
+        out.copy_from_slice(&d.payload);
+    }
+    let got: [u8; 32] = Sha256::digest(buf.as_slice()).into();
+    if got != d.digest {
+        pool.put(buf);
+        return Err(SessionError::peer(
+            ErrorCode::ChecksumMismatch,
+            format!(
+                "seq {} at offset {}: SHA-256 {} differs from frame digest {}",
+                d.seq,
+                d.offset,
+                hex::encode(got),
+                hex::encode(d.digest)
+            ),
+        ));
+    }
+    Ok(Verified::Bytes {
+        seq: d.seq,
+        offset: d.offset,
+        buf,
+    })
+}
+
+/// Work for the writer thread, in sequence order.
+#[derive(Debug)]
+pub enum WriterCmd {
+    Write {
+        block: JoinHandle<Result<Verified, SessionError>>,
+        /// Released once the block is on the disk.
+        permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    },
+    Checkpoint(Checkpoint),
+}
+
+/// Counters reported when the session ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub syncs: u64,
+    pub checkpoints: u64,
+}
+
+/// The per-session writer.
+#[derive(Debug)]
+pub struct Writer {
+    pub disk: Arc<Disk>,
+    pub backend: Arc<Backend>,
+    pub pool: Arc<BufferPool>,
+    pub rt: Handle,
+    pub out: mpsc::Sender<Frame>,
+    pub sync_bytes: u64,
+    pub linger: Duration,
+    /// Cancelled when the writer fails, so the reader stops waiting on the socket.
+    pub failed: CancellationToken,
+    pub point: DurablePoint,
+    pub stats: WriterStats,
+    unsynced: u64,
+    pending: Option<(u64, u64)>, // (seq, end) of the newest unsynced write
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        disk: Arc<Disk>,
+        backend: Arc<Backend>,
+        pool: Arc<BufferPool>,
+        rt: Handle,
+        out: mpsc::Sender<Frame>,
+        sync_bytes: u64,
+        linger: Duration,
+        failed: CancellationToken,
+    ) -> Self {
+        let point = disk.state().point();
+        Writer {
+            disk,
+            backend,
+            pool,
+            rt,
+            out,
+            sync_bytes,
+            linger,
+            failed,
+            point,
+            stats: WriterStats::default(),
+            unsynced: 0,
+            pending: None,
+        }
+    }
+
+    /// Runs until the command channel closes, then makes everything received durable.
+    pub fn run(mut self, mut rx: mpsc::Receiver<WriterCmd>) -> (WriterStats, Result<(), SessionError>) {
+        let result = self.run_inner(&mut rx);
+        let result = match result {
+            Ok(()) => self.sync_and_ack(),
+            Err(e) => {
+                // Earlier writes are good: make them durable and ack them before failing.
+                let _ = self.sync_and_ack();
+                self.failed.cancel();
+                // Release what is still queued (permits, buffers) without writing it.
+                rx.close();
+                while let Ok(cmd) = rx.try_recv() {
+                    if let WriterCmd::Write { block, .. } = cmd {
+                        block.abort();
+                    }
+                }
+                Err(e)
+            }
+        };
+        (self.stats, result)
+    }
+
+    fn run_inner(&mut self, rx: &mut mpsc::Receiver<WriterCmd>) -> Result<(), SessionError> {
+        loop {
+            let cmd = if self.pending.is_some() {
+                match self.rt.block_on(tokio::time::timeout(self.linger, rx.recv())) {
+                    Ok(cmd) => cmd,
+                    Err(_) => {
+                        self.sync_and_ack()?;
+                        continue;
+                    }
+                }
+            } else {
+                self.rt.block_on(rx.recv())
+            };
+            match cmd {
+                None => return Ok(()),
+                Some(WriterCmd::Write { block, permits }) => {
+                    let verified = match self.rt.block_on(block) {
+                        Ok(v) => v?,
+                        Err(e) => {
+                            return Err(SessionError::internal(format!("verify task failed: {e}")))
+                        }
+                    };
+                    self.apply(verified)?;
+                    drop(permits);
+                    if self.unsynced >= self.sync_bytes {
+                        self.sync_and_ack()?;
+                    }
+                }
+                Some(WriterCmd::Checkpoint(c)) => self.checkpoint(c)?,
+            }
+        }
+    }
+
+    fn apply(&mut self, v: Verified) -> Result<(), SessionError> {
+        let volume = &self.disk.volume;
+        match v {
+            Verified::Bytes { seq, offset, buf } => {
+                let len = buf.as_slice().len() as u64;
+                let r = volume.write_at(buf.as_slice(), offset);
+                self.pool.put(buf);
+                r.map_err(|e| self.storage("write", offset, e))?;
+                self.unsynced += len;
+                self.stats.bytes_written += len;
+                self.pending = Some((seq, offset + len));
+            }
+            Verified::Zero { seq, offset, len } => {
+                volume
+                    .zero_range(offset, len)
+                    .map_err(|e| self.storage("zero", offset, e))?;
+                // Hole punching is metadata: count it lightly towards the sync batch.
+                self.unsynced += 4096;
+                self.stats.bytes_zeroed += len;
+                self.pending = Some((seq, offset + len));
+            }
+        }
+        Ok(())
+    }
+
+    fn storage(&self, what: &str, offset: u64, e: std::io::Error) -> SessionError {
+        SessionError::storage(format!(
+            "disk {}: {what} at offset {offset} failed: {e}",
+            self.disk.id
+        ))
+    }
+
+    /// `fdatasync`, persist the durable point, ack. No-op when nothing is pending.
+    fn sync_and_ack(&mut self) -> Result<(), SessionError> {
+        let Some((seq, end)) = self.pending else {
+            return Ok(());
+        };
+        self.disk
+            .volume
+            .sync()
+            .map_err(|e| self.storage("fdatasync", 0, e))?;
+        let point = DurablePoint {
+            seq,
+            resume_offset: end,
+            checkpoint_seq: self.point.checkpoint_seq,
+        };
+        self.disk
+            .state()
+            .store_point(point)
+            .map_err(|e| self.storage("persist durable point", 0, e))?;
+        self.point = point;
+        self.pending = None;
+        self.unsynced = 0;
+        self.stats.syncs += 1;
+        // The socket may be gone; the point is durable either way and will be in the next
+        // Welcome.
+        let _ = self.rt.block_on(self.out.send(Frame::Ack { durable_seq: seq }));
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, c: Checkpoint) -> Result<(), SessionError> {
+        let started = Instant::now();
+        self.sync_and_ack()?;
+        // A checkpoint resent after a crash between snapshot and durable point reuses the
+        // snapshot already taken for it.
+        let existing = self
+            .disk
+            .state()
+            .checkpoint()
+            .filter(|r| r.seq == c.seq)
+            .cloned();
+        let record = match existing {
+            Some(r) => r,
+            None => {
+                let req = SnapshotRequest {
+                    disk_id: self.disk.id.clone(),
+                    label: c.label.clone(),
+                    checkpoint_seq: c.seq,
+                };
+                let snapshot = self
+                    .rt
+                    .block_on(self.backend.create_snapshot(self.disk.volume.clone(), req))
+                    .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?;
+                let record = CheckpointRecord {
+                    seq: c.seq,
+                    label: c.label.clone(),
+                    snapshot,
+                };
+                self.disk
+                    .state()
+                    .store_checkpoint(record.clone())
+                    .map_err(|e| self.storage("persist checkpoint", 0, e))?;
+                record
+            }
+        };
+        let point = DurablePoint {
+            seq: c.seq,
+            resume_offset: 0,
+            checkpoint_seq: c.seq,
+        };
+        self.disk
+            .state()
+            .store_point(point)
+            .map_err(|e| self.storage("persist durable point", 0, e))?;
+        self.point = point;
+        self.stats.checkpoints += 1;
+        tracing::info!(disk = %self.disk.id, seq = c.seq, label = %c.label,
+            snapshot = %record.snapshot.id, method = %record.snapshot.method,
+            ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot taken");
+        let digest = if c.flags & CHECKPOINT_VERIFY != 0 {
+            let d = self
+                .rt
+                .block_on(self.backend.snapshot_digest(&record.snapshot))
+                .map_err(|e| SessionError::storage(format!("snapshot digest failed: {e}")))?;
+            tracing::info!(disk = %self.disk.id, snapshot = %record.snapshot.id,
+                digest = %hex::encode(d), "snapshot digest computed");
+            Some(d)
+        } else {
+            None
+        };
+        let _ = self
+            .rt
+            .block_on(self.out.send(Frame::CheckpointAck(CheckpointAck {
+                seq: c.seq,
+                created_unix_ms: record.snapshot.created_unix_ms,
+                digest,
+                snapshot_id: record.snapshot.id.clone(),
+            })));
+        Ok(())
+    }
+}
