@@ -143,7 +143,14 @@ mod tests {
         assert!(verify_agent(&key, &t, &mac));
         assert!(!verify_agent(&other, &t, &mac));
         assert!(!verify_agent(&key, &Transcript { disk_size: 1, ..t }, &mac));
-        assert!(!verify_agent(&key, &Transcript { disk_id: "disk-2", ..t }, &mac));
+        assert!(!verify_agent(
+            &key,
+            &Transcript {
+                disk_id: "disk-2",
+                ..t
+            },
+            &mac
+        ));
         assert!(!verify_agent(&key, &Transcript { version: 2, ..t }, &mac));
         // the gateway's proof is not the agent's MAC reflected back
         let proof = gateway_proof(&key, &t);

@@ -21,8 +21,15 @@ const KIND_AUTH: u8 = 0x03;
 const KIND_WELCOME: u8 = 0x04;
 const KIND_DATA: u8 = 0x10;
 const KIND_CHECKPOINT: u8 = 0x11;
+const KIND_HASH_QUERY: u8 = 0x12;
 const KIND_ACK: u8 = 0x20;
 const KIND_CHECKPOINT_ACK: u8 = 0x21;
+const KIND_HASH_REPLY: u8 = 0x22;
+
+/// Most block hashes in one `HashQuery`.
+pub const MAX_HASHES: usize = 4096;
+/// Most bytes one `HashQuery` may cover (the gateway reads and hashes them).
+pub const MAX_HASH_SPAN: u64 = 256 << 20;
 const KIND_ERROR: u8 = 0x7f;
 
 /// Stable error codes carried by `Error` frames. Numbers are frozen once released.
@@ -253,6 +260,31 @@ pub struct CheckpointAck {
     pub snapshot_id: String,
 }
 
+/// Delta resync: the agent's SHA-256 of consecutive blocks starting at `offset`. The last
+/// block may be short where it meets the end of the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashQuery {
+    pub offset: u64,
+    pub block_size: u32,
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl HashQuery {
+    /// Bytes covered.
+    pub fn span(&self) -> u64 {
+        u64::from(self.block_size) * self.hashes.len() as u64
+    }
+}
+
+/// Delta resync: which blocks of a `HashQuery` differ on the gateway (bit set = differs, so
+/// the agent sends that block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashReply {
+    pub offset: u64,
+    pub block_size: u32,
+    pub differs: Vec<bool>,
+}
+
 /// Every frame of protocol v1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -268,6 +300,8 @@ pub enum Frame {
     Welcome(Welcome),
     Data(Data),
     Checkpoint(Checkpoint),
+    HashQuery(HashQuery),
+    HashReply(HashReply),
     Ack {
         durable_seq: u64,
     },
@@ -288,6 +322,8 @@ impl Frame {
             Frame::Welcome(_) => "welcome",
             Frame::Data(_) => "data",
             Frame::Checkpoint(_) => "checkpoint",
+            Frame::HashQuery(_) => "hash_query",
+            Frame::HashReply(_) => "hash_reply",
             Frame::Ack { .. } => "ack",
             Frame::CheckpointAck(_) => "checkpoint_ack",
             Frame::Error { .. } => "error",
@@ -371,6 +407,28 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) {
             dst.put_u64(c.seq);
             dst.put_u8(c.flags);
             put_name(dst, &c.label);
+        }
+        Frame::HashQuery(q) => {
+            dst.put_u8(KIND_HASH_QUERY);
+            dst.put_u64(q.offset);
+            dst.put_u32(q.block_size);
+            dst.put_u32(q.hashes.len() as u32);
+            for h in &q.hashes {
+                dst.put_slice(h);
+            }
+        }
+        Frame::HashReply(r) => {
+            dst.put_u8(KIND_HASH_REPLY);
+            dst.put_u64(r.offset);
+            dst.put_u32(r.block_size);
+            dst.put_u32(r.differs.len() as u32);
+            let mut bits = vec![0u8; r.differs.len().div_ceil(8)];
+            for (i, d) in r.differs.iter().enumerate() {
+                if *d {
+                    bits[i / 8] |= 0x80 >> (i % 8);
+                }
+            }
+            dst.put_slice(&bits);
         }
         Frame::Ack { durable_seq } => {
             dst.put_u8(KIND_ACK);
@@ -483,6 +541,8 @@ pub fn decode_body(mut frame: Bytes) -> Result<Frame, FrameError> {
         KIND_WELCOME => "welcome",
         KIND_DATA => "data",
         KIND_CHECKPOINT => "checkpoint",
+        KIND_HASH_QUERY => "hash_query",
+        KIND_HASH_REPLY => "hash_reply",
         KIND_ACK => "ack",
         KIND_CHECKPOINT_ACK => "checkpoint_ack",
         KIND_ERROR => "error",
@@ -541,6 +601,42 @@ pub fn decode_body(mut frame: Bytes) -> Result<Frame, FrameError> {
             flags: b.u8()?,
             label: b.name()?,
         }),
+        KIND_HASH_QUERY => {
+            let offset = b.u64()?;
+            let block_size = b.u32()?;
+            let count = b.u32()? as usize;
+            if count == 0 || count > MAX_HASHES {
+                return Err(b.bad(format!("{count} hashes (1..={MAX_HASHES} allowed)")));
+            }
+            if block_size == 0 || block_size % 4096 != 0 || block_size > MAX_BLOCK_LEN {
+                return Err(b.bad(format!(
+                    "block size {block_size} is not a multiple of 4096 up to {MAX_BLOCK_LEN}"
+                )));
+            }
+            let q = HashQuery {
+                offset,
+                block_size,
+                hashes: (0..count).map(|_| b.arr32()).collect::<Result<_, _>>()?,
+            };
+            if q.span() > MAX_HASH_SPAN || offset.checked_add(q.span()).is_none() {
+                return Err(b.bad(format!("query spans {} bytes", q.span())));
+            }
+            Frame::HashQuery(q)
+        }
+        KIND_HASH_REPLY => {
+            let offset = b.u64()?;
+            let block_size = b.u32()?;
+            let count = b.u32()? as usize;
+            if count > MAX_HASHES {
+                return Err(b.bad(format!("{count} entries")));
+            }
+            let bits = b.bytes(count.div_ceil(8))?;
+            Frame::HashReply(HashReply {
+                offset,
+                block_size,
+                differs: (0..count).map(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0).collect(),
+            })
+        }
         KIND_ACK => Frame::Ack {
             durable_seq: b.u64()?,
         },
@@ -621,8 +717,9 @@ impl FrameCodec {
     /// A codec that accepts frames carrying blocks of up to `max_payload` bytes.
     pub fn new(max_payload: u32) -> Self {
         let payload = lz4_bound(max_payload.min(MAX_BLOCK_LEN) as usize);
+        let hash_query = 1 + 16 + 32 * MAX_HASHES;
         FrameCodec {
-            max_frame: 1 + DATA_HEADER_LEN + payload,
+            max_frame: (1 + DATA_HEADER_LEN + payload).max(hash_query),
         }
     }
 
@@ -711,7 +808,11 @@ mod tests {
             offset: 4096,
             length,
             flags,
-            digest: if flags & FLAG_ZERO != 0 { [0; 32] } else { [9; 32] },
+            digest: if flags & FLAG_ZERO != 0 {
+                [0; 32]
+            } else {
+                [9; 32]
+            },
             payload: Bytes::copy_from_slice(payload),
         }
     }
@@ -752,6 +853,16 @@ mod tests {
             label: "incr-2".into(),
         }));
         roundtrip(Frame::Ack { durable_seq: 42 });
+        roundtrip(Frame::HashQuery(HashQuery {
+            offset: 1 << 20,
+            block_size: 65536,
+            hashes: vec![[1; 32], [2; 32], [3; 32]],
+        }));
+        roundtrip(Frame::HashReply(HashReply {
+            offset: 1 << 20,
+            block_size: 65536,
+            differs: vec![true, false, false, true, false, false, false, false, true],
+        }));
         roundtrip(Frame::CheckpointAck(CheckpointAck {
             seq: 100,
             created_unix_ms: 1_700_000_000_000,
@@ -764,7 +875,12 @@ mod tests {
     #[test]
     fn frozen_header_layout() {
         let mut buf = BytesMut::new();
-        encode(&Frame::Ack { durable_seq: 0x0102 }, &mut buf);
+        encode(
+            &Frame::Ack {
+                durable_seq: 0x0102,
+            },
+            &mut buf,
+        );
         assert_eq!(&buf[..], &[0, 0, 0, 9, 0x20, 0, 0, 0, 0, 0, 0, 1, 2]);
         let mut buf = BytesMut::new();
         encode(&Frame::error(ErrorCode::AuthFailed, "x"), &mut buf);
@@ -797,10 +913,10 @@ mod tests {
     #[test]
     fn bad_bodies_are_malformed() {
         let cases: Vec<Data> = vec![
-            data(0x80, &[0; 4], 4),         // unknown flag
-            data(0, &[0; 3], 4),            // short payload
-            data(0, &[], 0),                // zero length
-            data(FLAG_ZERO, &[1], 4096),    // zero with payload
+            data(0x80, &[0; 4], 4),      // unknown flag
+            data(0, &[0; 3], 4),         // short payload
+            data(0, &[], 0),             // zero length
+            data(FLAG_ZERO, &[1], 4096), // zero with payload
             data(FLAG_LZ4 | FLAG_ZERO, &[], 4096),
             data(0, &[0; 4], MAX_BLOCK_LEN + 1),
         ];

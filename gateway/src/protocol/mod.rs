@@ -26,6 +26,8 @@
 //! | 0x04 | `Welcome` | gw → agent | `server_proof:[32] durable_seq:u64 resume_offset:u64 checkpoint_seq:u64 max_payload:u32 window:u64 label_len:u8 label snap_len:u8 snapshot_id` |
 //! | 0x10 | `Data` | agent → gw | `seq:u64 offset:u64 length:u32 flags:u8 sha256:[32] payload` |
 //! | 0x11 | `Checkpoint` | agent → gw | `seq:u64 flags:u8 label_len:u8 label` |
+//! | 0x12 | `HashQuery` | agent → gw | `offset:u64 block_size:u32 count:u32 sha256:[32]×count` |
+//! | 0x22 | `HashReply` | gw → agent | `offset:u64 block_size:u32 count:u32 bitmap:[(count+7)/8]` (MSB first, 1 = differs) |
 //! | 0x20 | `Ack` | gw → agent | `durable_seq:u64` |
 //! | 0x21 | `CheckpointAck` | gw → agent | `seq:u64 created_unix_ms:u64 has_digest:u8 digest:[32] snap_len:u8 snapshot_id` |
 //! | 0x7f | `Error` | either | `code:u16 msg_len:u16 message` (UTF-8) |
@@ -47,10 +49,18 @@
 //!                                [Streaming]
 //!  Data(seq, …) ──────────────▶  verify digest, write, fdatasync in batches
 //!               ◀──────────────  Ack(durable_seq)          every write ≤ durable_seq is durable
+//!  HashQuery(offset, hashes) ─▶  apply earlier writes, hash the same blocks
+//!               ◀──────────────  HashReply(bitmap of differing blocks)
 //!  Checkpoint(seq, label) ────▶  sync, snapshot (later writes wait until it is initiated)
 //!               ◀──────────────  CheckpointAck(seq, snapshot_id, digest?)
 //!  close                         drain: make received writes durable, persist, close
 //! ```
+//!
+//! Delta resync: an agent that lost its change tracking (but whose disk the gateway already
+//! holds) sends `HashQuery` frames with the SHA-256 of consecutive blocks of its source; the
+//! gateway applies every earlier write, hashes the same range of its volume and answers with a
+//! `HashReply` bitmap, in order. The agent then sends only the differing blocks as `Data`.
+//! Block size is a multiple of 4 KiB; one query covers at most 4096 blocks and 256 MiB.
 //!
 //! Sequence numbers are per disk, strictly increasing across connections, shared by `Data` and
 //! `Checkpoint`. `durable_seq` in `Welcome` is the resume point: the agent resends only what it
@@ -77,7 +87,8 @@ pub mod auth;
 pub mod frame;
 
 pub use frame::{
-    Checkpoint, CheckpointAck, Data, ErrorCode, Frame, FrameCodec, FrameError, Hello, Welcome,
+    Checkpoint, CheckpointAck, Data, ErrorCode, Frame, FrameCodec, FrameError, HashQuery,
+    HashReply, Hello, Welcome,
 };
 
 /// Connection preamble sent by the agent before the first frame. Frozen.

@@ -159,7 +159,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
         budget: Arc::new(Semaphore::new(limits.gateway_inflight_bytes as usize)),
         pool: Arc::new(BufferPool::new(
             block,
-            (limits.gateway_inflight_bytes as usize / block).min(256),
+            (limits.gateway_inflight_bytes as usize / block).min(64),
         )),
         limits,
         cancel: cancel.clone(),

@@ -276,7 +276,10 @@ async fn stream_disk(
                 if d.length > shared.limits.max_block_bytes {
                     break Err(SessionError::peer(
                         ErrorCode::FrameTooLarge,
-                        format!("block of {} bytes over the limit {}", d.length, shared.limits.max_block_bytes),
+                        format!(
+                            "block of {} bytes over the limit {}",
+                            d.length, shared.limits.max_block_bytes
+                        ),
                     ));
                 }
                 last_seq = d.seq;
@@ -297,7 +300,11 @@ async fn stream_disk(
                 };
                 let pool = shared.pool.clone();
                 let block = tokio::task::spawn_blocking(move || verify(d, &pool));
-                if cmd_tx.send(WriterCmd::Write { block, permits }).await.is_err() {
+                if cmd_tx
+                    .send(WriterCmd::Write { block, permits })
+                    .await
+                    .is_err()
+                {
                     break Ok(()); // writer failed; its error is reported below
                 }
             }
@@ -310,6 +317,21 @@ async fn stream_disk(
                 }
                 last_seq = c.seq;
                 if cmd_tx.send(WriterCmd::Checkpoint(c)).await.is_err() {
+                    break Ok(());
+                }
+            }
+            Frame::HashQuery(q) => {
+                let last_start = q.offset + q.span() - u64::from(q.block_size);
+                if last_start >= disk.size {
+                    break Err(SessionError::peer(
+                        ErrorCode::OutOfRange,
+                        format!(
+                            "hash query of {} blocks of {} at offset {} reaches past the disk end {}",
+                            q.hashes.len(), q.block_size, q.offset, disk.size
+                        ),
+                    ));
+                }
+                if cmd_tx.send(WriterCmd::HashQuery(q)).await.is_err() {
                     break Ok(());
                 }
             }

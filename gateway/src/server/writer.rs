@@ -25,7 +25,7 @@ use super::SessionError;
 use crate::backend::{AlignedBuf, Backend, BufferPool, SnapshotRequest};
 use crate::durable::DurablePoint;
 use crate::protocol::frame::CHECKPOINT_VERIFY;
-use crate::protocol::{Checkpoint, CheckpointAck, Data, ErrorCode, Frame};
+use crate::protocol::{Checkpoint, CheckpointAck, Data, ErrorCode, Frame, HashQuery, HashReply};
 
 /// A block whose digest has been checked.
 #[derive(Debug)]
@@ -109,6 +109,8 @@ pub enum WriterCmd {
         permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     },
     Checkpoint(Checkpoint),
+    /// Delta resync: hash blocks of the volume (after every earlier write) and answer.
+    HashQuery(HashQuery),
 }
 
 /// Counters reported when the session ends.
@@ -118,6 +120,7 @@ pub struct WriterStats {
     pub bytes_zeroed: u64,
     pub syncs: u64,
     pub checkpoints: u64,
+    pub hash_queries: u64,
 }
 
 /// The per-session writer.
@@ -168,7 +171,10 @@ impl Writer {
     }
 
     /// Runs until the command channel closes, then makes everything received durable.
-    pub fn run(mut self, mut rx: mpsc::Receiver<WriterCmd>) -> (WriterStats, Result<(), SessionError>) {
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriterCmd>,
+    ) -> (WriterStats, Result<(), SessionError>) {
         let result = self.run_inner(&mut rx);
         let result = match result {
             Ok(()) => self.sync_and_ack(),
@@ -192,7 +198,10 @@ impl Writer {
     fn run_inner(&mut self, rx: &mut mpsc::Receiver<WriterCmd>) -> Result<(), SessionError> {
         loop {
             let cmd = if self.pending.is_some() {
-                match self.rt.block_on(tokio::time::timeout(self.linger, rx.recv())) {
+                match self
+                    .rt
+                    .block_on(tokio::time::timeout(self.linger, rx.recv()))
+                {
                     Ok(cmd) => cmd,
                     Err(_) => {
                         self.sync_and_ack()?;
@@ -218,6 +227,7 @@ impl Writer {
                     }
                 }
                 Some(WriterCmd::Checkpoint(c)) => self.checkpoint(c)?,
+                Some(WriterCmd::HashQuery(q)) => self.hash_query(q)?,
             }
         }
     }
@@ -278,7 +288,33 @@ impl Writer {
         self.stats.syncs += 1;
         // The socket may be gone; the point is durable either way and will be in the next
         // Welcome.
-        let _ = self.rt.block_on(self.out.send(Frame::Ack { durable_seq: seq }));
+        let _ = self
+            .rt
+            .block_on(self.out.send(Frame::Ack { durable_seq: seq }));
+        Ok(())
+    }
+
+    fn hash_query(&mut self, q: HashQuery) -> Result<(), SessionError> {
+        let size = self.disk.volume.size();
+        let mut buf = vec![0u8; q.block_size as usize];
+        let mut differs = Vec::with_capacity(q.hashes.len());
+        for (i, want) in q.hashes.iter().enumerate() {
+            let start = q.offset + i as u64 * u64::from(q.block_size);
+            let len = (size.saturating_sub(start)).min(u64::from(q.block_size)) as usize;
+            let block = &mut buf[..len];
+            self.disk
+                .volume
+                .read_at(block, start)
+                .map_err(|e| self.storage("read for hash query", start, e))?;
+            let got: [u8; 32] = Sha256::digest(&*block).into();
+            differs.push(got != *want);
+        }
+        self.stats.hash_queries += 1;
+        let _ = self.rt.block_on(self.out.send(Frame::HashReply(HashReply {
+            offset: q.offset,
+            block_size: q.block_size,
+            differs,
+        })));
         Ok(())
     }
 
