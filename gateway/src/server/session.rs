@@ -6,6 +6,7 @@
 //! `Error` frame naming it; other sessions are untouched.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -224,6 +225,7 @@ async fn stream_disk(
         Duration::from_millis(shared.limits.sync_linger_ms),
         failed.clone(),
     );
+    let writer_busy = writer.busy.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name(format!("write-{}", disk.id))
@@ -248,6 +250,8 @@ async fn stream_disk(
             }),
             _ = failed.cancelled() => break Ok(()),
             r = tokio::time::timeout(idle, source.next()) => match r {
+                // The agent waits on us while the writer works (window full, snapshot).
+                Err(_) if writer_busy.load(Ordering::Relaxed) || cmd_tx.capacity() < cmd_tx.max_capacity() => continue,
                 Err(_) => break Err(SessionError::peer(ErrorCode::Timeout,
                     format!("no complete frame for {}s", idle.as_secs()))),
                 Ok(None) => break Ok(()),

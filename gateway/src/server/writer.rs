@@ -11,6 +11,7 @@
 //!
 //! An ack therefore never runs ahead of `fdatasync` of the data and of the durable point.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,6 +136,9 @@ pub struct Writer {
     pub linger: Duration,
     /// Cancelled when the writer fails, so the reader stops waiting on the socket.
     pub failed: CancellationToken,
+    /// Set while a command is being carried out, so a slow disk or a long snapshot does not
+    /// count as the agent being idle.
+    pub busy: Arc<AtomicBool>,
     pub point: DurablePoint,
     pub stats: WriterStats,
     unsynced: u64,
@@ -163,6 +167,7 @@ impl Writer {
             sync_bytes,
             linger,
             failed,
+            busy: Arc::new(AtomicBool::new(false)),
             point,
             stats: WriterStats::default(),
             unsynced: 0,
@@ -211,8 +216,20 @@ impl Writer {
             } else {
                 self.rt.block_on(rx.recv())
             };
+            self.busy.store(true, Ordering::Relaxed);
+            let r = self.carry_out(cmd);
+            self.busy.store(false, Ordering::Relaxed);
+            if !r? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Carries out one command; `false` when the channel has closed.
+    fn carry_out(&mut self, cmd: Option<WriterCmd>) -> Result<bool, SessionError> {
+        {
             match cmd {
-                None => return Ok(()),
+                None => return Ok(false),
                 Some(WriterCmd::Write { block, permits }) => {
                     let verified = match self.rt.block_on(block) {
                         Ok(v) => v?,
@@ -230,6 +247,7 @@ impl Writer {
                 Some(WriterCmd::HashQuery(q)) => self.hash_query(q)?,
             }
         }
+        Ok(true)
     }
 
     fn apply(&mut self, v: Verified) -> Result<(), SessionError> {
