@@ -343,7 +343,10 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
         let c = Config::from_toml(ISSUE_EXAMPLE, "test", no_env()).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:1500");
         assert_eq!(c.disks[0].size_bytes, 64 << 20);
-        assert!(matches!(c.backend, BackendConfig::Local { direct_io: true }));
+        assert!(matches!(
+            c.backend,
+            BackendConfig::Local { direct_io: true }
+        ));
         assert_eq!(c.limits.sync_bytes, 16 << 20);
         // the rendered effective config loads again
         Config::from_toml(&c.to_toml(), "rendered", no_env()).unwrap();
@@ -378,7 +381,9 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
 
     #[test]
     fn validation_names_the_problem() {
-        let dup = format!("{ISSUE_EXAMPLE}\n[[disks]]\nid = \"disk-1\"\nsize_bytes = 1\nkey_file = \"k\"\n");
+        let dup = format!(
+            "{ISSUE_EXAMPLE}\n[[disks]]\nid = \"disk-1\"\nsize_bytes = 1\nkey_file = \"k\"\n"
+        );
         let e = Config::from_toml(&dup, "t", no_env()).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
         let bad_id = "[[disks]]\nid = \"../x\"\nsize_bytes = 1\nkey_file = \"k\"\n";

@@ -201,10 +201,10 @@ impl LocalBackend {
 
     /// SHA-256 of a snapshot file's whole content.
     pub fn snapshot_digest(&self, snap: &SnapshotInfo) -> Result<[u8; 32], BackendError> {
-        let path = snap
-            .path
-            .clone()
-            .unwrap_or_else(|| self.snapshot_dir(&snap.disk_id).join(format!("{}.img", snap.id)));
+        let path = snap.path.clone().unwrap_or_else(|| {
+            self.snapshot_dir(&snap.disk_id)
+                .join(format!("{}.img", snap.id))
+        });
         let err = |source| BackendError::Io {
             disk: snap.disk_id.clone(),
             action: "read",
@@ -248,13 +248,8 @@ fn sparse_copy(src: &File, dst: &File, size: u64) -> io::Result<()> {
         let mut off_out = data;
         while off_in < hole {
             let want = (hole - off_in).min(1 << 30) as usize;
-            let n = rustix::fs::copy_file_range(
-                src,
-                Some(&mut off_in),
-                dst,
-                Some(&mut off_out),
-                want,
-            )?;
+            let n =
+                rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

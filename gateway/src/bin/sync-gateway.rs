@@ -131,8 +131,12 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Keygen { out } => {
             let key = DiskKey::generate();
-            sync_gateway::durable::atomic_write(&out, format!("{}\n", key.to_hex()).as_bytes(), 0o600)
-                .map_err(fail(1))?;
+            sync_gateway::durable::atomic_write(
+                &out,
+                format!("{}\n", key.to_hex()).as_bytes(),
+                0o600,
+            )
+            .map_err(fail(1))?;
             eprintln!("wrote a new replication key to {}", out.display());
             Ok(())
         }
