@@ -180,6 +180,9 @@ impl Writer {
         mut self,
         mut rx: mpsc::Receiver<WriterCmd>,
     ) -> (WriterStats, Result<(), SessionError>) {
+        // Timers and spawned tasks need the runtime's context on this plain thread.
+        let rt = self.rt.clone();
+        let _context = rt.enter();
         let result = self.run_inner(&mut rx);
         let result = match result {
             Ok(()) => self.sync_and_ack(),
@@ -287,10 +290,12 @@ impl Writer {
         let Some((seq, end)) = self.pending else {
             return Ok(());
         };
+        let t0 = Instant::now();
         self.disk
             .volume
             .sync()
             .map_err(|e| self.storage("fdatasync", 0, e))?;
+        let t1 = Instant::now();
         let point = DurablePoint {
             seq,
             resume_offset: end,
@@ -300,6 +305,9 @@ impl Writer {
             .state()
             .store_point(point)
             .map_err(|e| self.storage("persist durable point", 0, e))?;
+        tracing::debug!(disk = %self.disk.id, seq, bytes = self.unsynced,
+            fdatasync_us = (t1 - t0).as_micros() as u64,
+            persist_us = t1.elapsed().as_micros() as u64, "durable");
         self.point = point;
         self.pending = None;
         self.unsynced = 0;
