@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let dir = parent_dir(path);
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -39,6 +39,14 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The directory holding `path`; `.` for a bare file name (whose `parent()` is empty).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// `fsync`s a directory so that entries created or renamed in it survive a crash.
@@ -182,6 +190,14 @@ fn parse_slot(buf: &[u8; REC_LEN]) -> Option<(u64, DurablePoint)> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        // (changing the process's directory would race other tests, so test the mapping)
+        assert_eq!(parent_dir(Path::new("bare.key")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("/a/b.key")), Path::new("/a"));
+        assert_eq!(parent_dir(Path::new("a/b.key")), Path::new("a"));
+    }
 
     #[test]
     fn atomic_write_replaces_content() {

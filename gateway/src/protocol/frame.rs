@@ -634,7 +634,9 @@ pub fn decode_body(mut frame: Bytes) -> Result<Frame, FrameError> {
             Frame::HashReply(HashReply {
                 offset,
                 block_size,
-                differs: (0..count).map(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0).collect(),
+                differs: (0..count)
+                    .map(|i| bits[i / 8] & (0x80 >> (i % 8)) != 0)
+                    .collect(),
             })
         }
         KIND_ACK => Frame::Ack {

@@ -45,9 +45,34 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
+/// How long a refused peer gets to read its `Error` frame before the socket closes.
+const LINGER_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// Sends the error, half-closes, and discards what the peer still sends for a moment: closing
+/// with unread data would make the kernel send a reset that can destroy the error frame before
+/// the agent reads it.
 async fn send_error(conn: &mut Conn, e: &SessionError) {
     let frame = Frame::error(e.code, e.message.clone());
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.send(frame)).await;
+    if tokio::time::timeout(Duration::from_secs(2), conn.send(frame))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(conn.get_mut()).await;
+    drain_input(conn.get_mut()).await;
+}
+
+async fn drain_input(r: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut sink = [0u8; 16 * 1024];
+    let _ = tokio::time::timeout(LINGER_AFTER_ERROR, async {
+        while let Ok(n) = r.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Preamble, hello, challenge, auth. Returns the authenticated disk, the version and the
@@ -371,6 +396,13 @@ async fn stream_disk(
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
+    if result.is_err() {
+        // The sender half-closed after the error frame; let the agent read it.
+        let _ = tokio::time::timeout(LINGER_AFTER_ERROR, async {
+            while source.next().await.is_some() {}
+        })
+        .await;
+    }
     let secs = started.elapsed().as_secs_f64();
     info!(
         disk = %disk.id, %peer, frames, bytes_in,
