@@ -318,11 +318,10 @@ fn zero_frame(seq: u64, offset: u64, len: usize, blocks: u64) -> Outgoing {
 pub(crate) fn data_frame(seq: u64, offset: u64, data: Bytes) -> Bytes {
     let len = data.len();
     let digest: [u8; 32] = Sha256::digest(&data).into();
-    let compressed = lz4_flex::block::compress(&data);
-    let (flags, payload) = if compressed.len() <= len - len / 8 {
-        (FLAG_LZ4, Bytes::from(compressed))
-    } else {
-        (0, data)
+    let (flags, payload) = match worth_compressing(&data).then(|| lz4_flex::block::compress(&data))
+    {
+        Some(c) if c.len() <= len - len / 8 => (FLAG_LZ4, Bytes::from(c)),
+        _ => (0, data),
     };
     let mut buf = BytesMut::with_capacity(5 + DATA_HEADER_LEN + payload.len());
     let frame = Frame::Data(Data {
@@ -335,6 +334,19 @@ pub(crate) fn data_frame(seq: u64, offset: u64, data: Bytes) -> Bytes {
     });
     encode(&frame, &mut buf);
     buf.freeze()
+}
+
+/// Large blocks are compressed only when a 64 KiB sample from their middle shrinks by a
+/// quarter or more: random or already-compressed data then costs a sample, not a full pass
+/// (LZ4 is most of the agent's CPU on such data).
+fn worth_compressing(data: &[u8]) -> bool {
+    const SAMPLE: usize = 64 * 1024;
+    if data.len() < 4 * SAMPLE {
+        return true;
+    }
+    let mid = data.len() / 2 - SAMPLE / 2;
+    let sample = &data[mid..mid + SAMPLE];
+    lz4_flex::block::compress(sample).len() <= SAMPLE - SAMPLE / 4
 }
 
 fn encode_worker(jobs: &Mutex<Receiver<Job>>) {
