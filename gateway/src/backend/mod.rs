@@ -1,10 +1,12 @@
 //! Volumes and snapshots behind one interface. Each backend kind is a variant of [`Backend`];
 //! the replication path only sees [`Volume`] and [`SnapshotInfo`].
 
+pub mod cow;
 pub mod local;
 pub mod volume;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +37,72 @@ pub struct SnapshotInfo {
     /// Where the snapshot's content lives (local backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// `pending` from initiation until the content is complete, then `completed` (or `failed`).
+    #[serde(default)]
+    pub state: SnapshotState,
+}
+
+/// Life of a snapshot: point-in-time at initiation, usable once completed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    Pending,
+    #[default]
+    Completed,
+    Failed,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Completed => "completed",
+            SnapshotState::Failed => "failed",
+        }
+    }
+}
+
+/// An initiated snapshot: its point in time is fixed; its content may still be on the way.
+#[derive(Debug, Clone)]
+pub enum Snapshot {
+    /// Complete at initiation (reflink).
+    Ready(SnapshotInfo),
+    /// Being copied; later writes to the volume must call [`Snapshot::preserve`] first.
+    Copying(Arc<cow::SnapshotCopy>),
+}
+
+impl Snapshot {
+    /// Metadata as of initiation.
+    pub fn info(&self) -> &SnapshotInfo {
+        match self {
+            Snapshot::Ready(i) => i,
+            Snapshot::Copying(c) => c.info(),
+        }
+    }
+
+    /// Saves the snapshot's view of `[offset, offset + len)` before the volume changes there.
+    pub fn preserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match self {
+            Snapshot::Ready(_) => Ok(()),
+            Snapshot::Copying(c) => c.preserve(offset, len),
+        }
+    }
+
+    /// Whether the content is complete (or failed) so writes need no more preserving.
+    pub fn is_done(&self) -> bool {
+        match self {
+            Snapshot::Ready(_) => true,
+            Snapshot::Copying(c) => c.is_done(),
+        }
+    }
+
+    /// Blocks until the content is complete.
+    pub fn wait(&self) -> Result<SnapshotInfo, String> {
+        match self {
+            Snapshot::Ready(i) => Ok(i.clone()),
+            Snapshot::Copying(c) => c.wait(),
+        }
+    }
 }
 
 /// What a checkpoint asks the backend to capture.
@@ -103,16 +171,27 @@ impl Backend {
         }
     }
 
-    /// Takes a snapshot of a volume whose writes are already durable.
-    pub async fn create_snapshot(
+    /// Initiates a snapshot of a volume whose writes are already durable. Returns once the
+    /// point in time is fixed; the content may complete later.
+    pub async fn begin_snapshot(
         &self,
-        volume: std::sync::Arc<Volume>,
+        volume: Arc<Volume>,
         req: SnapshotRequest,
-    ) -> Result<SnapshotInfo, BackendError> {
+    ) -> Result<Snapshot, BackendError> {
         match self {
             Backend::Local(b) => {
                 let b = b.clone();
-                blocking(move || b.create_snapshot(&volume, &req)).await
+                blocking(move || b.begin_snapshot(&volume, &req)).await
+            }
+        }
+    }
+
+    /// Marks snapshots left incomplete by a crash as failed. Call before serving the disk.
+    pub async fn recover(&self, disk_id: &str) -> Result<Vec<SnapshotInfo>, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, id) = (b.clone(), disk_id.to_string());
+                blocking(move || b.recover(&id)).await
             }
         }
     }

@@ -117,13 +117,18 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
                 );
             } else {
                 println!(
-                    "{:<36} {:<16} {:<24} {:>8} CREATED",
-                    "SNAPSHOT", "DISK", "CHECKPOINT", "SEQ"
+                    "{:<34} {:<16} {:<24} {:>8} {:<10} CREATED",
+                    "SNAPSHOT", "DISK", "CHECKPOINT", "SEQ", "STATE"
                 );
                 for s in snaps {
                     println!(
-                        "{:<36} {:<16} {:<24} {:>8} {}",
-                        s.id, s.disk_id, s.label, s.checkpoint_seq, s.created
+                        "{:<34} {:<16} {:<24} {:>8} {:<10} {}",
+                        s.id,
+                        s.disk_id,
+                        s.label,
+                        s.checkpoint_seq,
+                        s.state.as_str(),
+                        s.created
                     );
                 }
             }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{SnapshotInfo, Volume};
+use crate::backend::{Snapshot, SnapshotInfo, Volume};
 use crate::durable::{self, DurablePoint, SeqRecord};
 use crate::protocol::auth::DiskKey;
 
@@ -90,6 +90,8 @@ pub struct Disk {
     /// Held by the active session for its whole life, writer drain included.
     pub active: Arc<tokio::sync::Mutex<()>>,
     slot: Mutex<SessionSlot>,
+    /// A snapshot whose content is still being copied; writes preserve through it first.
+    in_flight: Mutex<Option<Snapshot>>,
 }
 
 /// A claim on a disk by a session that may still be superseded.
@@ -109,7 +111,22 @@ impl Disk {
             state: Mutex::new(state),
             active: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(SessionSlot::default()),
+            in_flight: Mutex::new(None),
         }
+    }
+
+    /// The snapshot still being filled, if any (dropped from here once it is done).
+    pub fn snapshot_in_flight(&self) -> Option<Snapshot> {
+        let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(Snapshot::is_done) {
+            *g = None;
+        }
+        g.clone()
+    }
+
+    /// Records a newly initiated snapshot.
+    pub fn set_snapshot_in_flight(&self, s: Snapshot) {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = (!s.is_done()).then_some(s);
     }
 
     pub fn key(&self) -> &DiskKey {
@@ -173,5 +190,15 @@ impl DiskRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every disk.
+    pub fn all(&self) -> Vec<Arc<Disk>> {
+        self.disks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

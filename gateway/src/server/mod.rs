@@ -126,6 +126,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
             dir: state_dir.display().to_string(),
             source,
         })?;
+        let failed = backend
+            .recover(&dc.id)
+            .await
+            .map_err(|source| GatewayError::Backend {
+                disk: dc.id.clone(),
+                source,
+            })?;
+        if !failed.is_empty() {
+            warn!(disk = %dc.id, count = failed.len(),
+                "snapshots interrupted by the last stop were marked failed");
+        }
         let p = state.point();
         info!(disk = %dc.id, size = dc.size_bytes, volume = %volume.path().display(),
             durable_seq = p.seq, checkpoint_seq = p.checkpoint_seq, "disk ready");
@@ -202,6 +213,16 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
     info!(sessions = tracker.len(), "shutting down: draining sessions");
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         warn!("sessions still open after the drain deadline");
+    }
+    // Let snapshot copies in flight finish; one cut short is marked failed on the next start.
+    for disk in shared.disks.all() {
+        if let Some(s) = disk.snapshot_in_flight() {
+            info!(disk = %disk.id, snapshot = %s.info().id, "waiting for snapshot copy");
+            let wait = tokio::task::spawn_blocking(move || s.wait());
+            if tokio::time::timeout(drain, wait).await.is_err() {
+                warn!(disk = %disk.id, "snapshot copy still running at exit");
+            }
+        }
     }
     info!("sync-gateway stopped");
     Ok(())

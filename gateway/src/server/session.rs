@@ -255,6 +255,9 @@ async fn stream_disk(
     let thread = std::thread::Builder::new()
         .name(format!("write-{}", disk.id))
         .spawn(move || {
+            // Cancels `failed` however the writer ends, a panic included, so the reader never
+            // waits on a writer that is gone.
+            let _stop_reader = writer.failed.clone().drop_guard();
             let _ = done_tx.send(writer.run(cmd_rx));
         })
         .map_err(|e| SessionError::internal(format!("cannot start writer thread: {e}")))?;

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::disk::{CheckpointRecord, Disk};
 use super::SessionError;
-use crate::backend::{AlignedBuf, Backend, BufferPool, SnapshotRequest};
+use crate::backend::{AlignedBuf, Backend, BufferPool, SnapshotRequest, SnapshotState};
 use crate::durable::DurablePoint;
 use crate::protocol::frame::CHECKPOINT_VERIFY;
 use crate::protocol::{Checkpoint, CheckpointAck, Data, ErrorCode, Frame, HashQuery, HashReply};
@@ -254,6 +254,19 @@ impl Writer {
     }
 
     fn apply(&mut self, v: Verified) -> Result<(), SessionError> {
+        if let Some(snap) = self.disk.snapshot_in_flight() {
+            let (offset, len) = match &v {
+                Verified::Bytes { offset, buf, .. } => (*offset, buf.as_slice().len() as u64),
+                Verified::Zero { offset, len, .. } => (*offset, *len),
+            };
+            snap.preserve(offset, len).map_err(|e| {
+                self.storage(
+                    &format!("preserve snapshot {} before write", snap.info().id),
+                    offset,
+                    e,
+                )
+            })?;
+        }
         let volume = &self.disk.volume;
         match v {
             Verified::Bytes { seq, offset, buf } => {
@@ -355,18 +368,39 @@ impl Writer {
             .checkpoint()
             .filter(|r| r.seq == c.seq)
             .cloned();
+        // ...unless its copy was cut short by that crash: then the volume still holds the
+        // checkpoint's content (nothing after it is durable) and a new snapshot is taken.
+        let existing = match existing {
+            Some(r) => {
+                let listed = self
+                    .rt
+                    .block_on(self.backend.list_snapshots(Some(&self.disk.id)))
+                    .unwrap_or_default();
+                let failed = listed
+                    .iter()
+                    .any(|s| s.id == r.snapshot.id && s.state == SnapshotState::Failed);
+                (!failed).then_some(r)
+            }
+            None => None,
+        };
         let record = match existing {
             Some(r) => r,
             None => {
+                // One copy at a time: a checkpoint right after another waits for the first.
+                if let Some(prev) = self.disk.snapshot_in_flight() {
+                    let _ = prev.wait();
+                }
                 let req = SnapshotRequest {
                     disk_id: self.disk.id.clone(),
                     label: c.label.clone(),
                     checkpoint_seq: c.seq,
                 };
-                let snapshot = self
+                let handle = self
                     .rt
-                    .block_on(self.backend.create_snapshot(self.disk.volume.clone(), req))
+                    .block_on(self.backend.begin_snapshot(self.disk.volume.clone(), req))
                     .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?;
+                let snapshot = handle.info().clone();
+                self.disk.set_snapshot_in_flight(handle);
                 let record = CheckpointRecord {
                     seq: c.seq,
                     label: c.label.clone(),
@@ -392,11 +426,18 @@ impl Writer {
         self.stats.checkpoints += 1;
         tracing::info!(disk = %self.disk.id, seq = c.seq, label = %c.label,
             snapshot = %record.snapshot.id, method = %record.snapshot.method,
-            ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot taken");
+            ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot initiated");
         let digest = if c.flags & CHECKPOINT_VERIFY != 0 {
+            // The digest is of the content, so it waits for the copy to complete.
+            let done = match self.disk.snapshot_in_flight() {
+                Some(s) if s.info().id == record.snapshot.id => s
+                    .wait()
+                    .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?,
+                _ => record.snapshot.clone(),
+            };
             let d = self
                 .rt
-                .block_on(self.backend.snapshot_digest(&record.snapshot))
+                .block_on(self.backend.snapshot_digest(&done))
                 .map_err(|e| SessionError::storage(format!("snapshot digest failed: {e}")))?;
             tracing::info!(disk = %self.disk.id, snapshot = %record.snapshot.id,
                 digest = %hex::encode(d), "snapshot digest computed");
