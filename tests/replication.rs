@@ -825,3 +825,66 @@ fn agent_kill9_during_incremental_pass_resumes_it() {
         "snapshot of the resumed pass",
     );
 }
+
+/// A snapshot initiated at a checkpoint keeps the checkpoint's content even while the next
+/// pass overwrites the disk before the snapshot's background copy has finished (no --verify,
+/// so nothing waits for the copy).
+#[test]
+fn snapshot_copy_is_point_in_time_while_the_next_pass_writes() {
+    let _s = serial();
+    let t = TestDir::new("cow");
+    let size = 128 * MIB;
+    let key = t.key_path("disk-1");
+    write_key(&key, 7);
+    // A capped background copy (about 3 s for this image) makes sure pass 2 overwrites
+    // regions the copy has not reached yet, so they must be preserved first.
+    let cfg = GatewayConfig::new(t.data_dir())
+        .backend_option("snapshot_copy_bytes_per_sec", 24 * MIB)
+        .disk("disk-1", size, &key);
+    let mut gw = Gateway::start(&cfg, &t.path("gateway.toml"), &t.path("gateway.log"));
+    let src = t.source_path("disk-1");
+    make_image(&src, size, 11);
+    let v1 = t.path("v1.img");
+    std::fs::copy(&src, &v1).unwrap();
+    let mut agent =
+        AgentCmd::new(gw.addr, "disk-1", &key, &t.state_dir("disk-1"), &src).retry_timeout(20);
+    agent.verify = false;
+    let run1 = agent.run(AGENT_DEADLINE);
+    run1.note("full pass");
+    run1.expect_ok();
+    // Straight away: 25 % of the blocks change and travel while snapshot 1 is still copying.
+    apply_scattered_changes(&src, 25, 5);
+    let run2 = agent.run(AGENT_DEADLINE);
+    run2.note("incremental pass");
+    run2.expect_ok();
+    let (snap1, snap2) = (run1.str("snapshot_id"), run2.str("snapshot_id"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = gw.snapshots(Some("disk-1"));
+        if list.len() == 2 && list.iter().all(|s| s.state == "completed") {
+            assert!(
+                list.iter()
+                    .all(|s| s.method == "copy-before-write" || s.method == "reflink"),
+                "{list:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshots did not complete: {list:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_same_file(
+        &snapshot_image(&t.data_dir(), "disk-1", &snap1),
+        &v1,
+        "snapshot 1 after pass 2 overwrote the disk",
+    );
+    assert_same_file(
+        &snapshot_image(&t.data_dir(), "disk-1", &snap2),
+        &src,
+        "snapshot 2",
+    );
+    assert_same_file(&gw.volume("disk-1"), &src, "volume");
+    gw.terminate(Duration::from_secs(30));
+}

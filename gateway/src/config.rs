@@ -52,12 +52,20 @@ pub enum BackendConfig {
         /// back to buffered writes by itself when it does not).
         #[serde(default = "yes")]
         direct_io: bool,
+        /// Bandwidth cap in bytes/s for the background copy of a snapshot on filesystems
+        /// without reflinks, so it leaves disk bandwidth to replication (0: no cap). Writes
+        /// that must preserve a region first are never throttled.
+        #[serde(default)]
+        snapshot_copy_bytes_per_sec: u64,
     },
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig::Local { direct_io: true }
+        BackendConfig::Local {
+            direct_io: true,
+            snapshot_copy_bytes_per_sec: 0,
+        }
     }
 }
 
@@ -345,7 +353,10 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
         assert_eq!(c.disks[0].size_bytes, 64 << 20);
         assert!(matches!(
             c.backend,
-            BackendConfig::Local { direct_io: true }
+            BackendConfig::Local {
+                direct_io: true,
+                ..
+            }
         ));
         assert_eq!(c.limits.sync_bytes, 16 << 20);
         // the rendered effective config loads again

@@ -157,6 +157,8 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// `(key, raw TOML value)` lines of `[limits]`.
     pub limits: Vec<(String, String)>,
+    /// `(key, raw TOML value)` lines of `[backend]` after `kind`.
+    pub backend: Vec<(String, String)>,
     pub disks: Vec<DiskSpec>,
 }
 
@@ -166,8 +168,15 @@ impl GatewayConfig {
             listen: "127.0.0.1:0".into(),
             data_dir,
             limits: Vec::new(),
+            backend: Vec::new(),
             disks: Vec::new(),
         }
+    }
+
+    /// Adds `key = value` to the `[backend]` table.
+    pub fn backend_option(mut self, key: &str, value: impl ToString) -> Self {
+        self.backend.push((key.into(), value.to_string()));
+        self
     }
 
     pub fn limit(mut self, key: &str, value: impl ToString) -> Self {
@@ -190,6 +199,9 @@ impl GatewayConfig {
         let _ = writeln!(s, "listen = {}", toml_str(&self.listen));
         let _ = writeln!(s, "data_dir = {}", q(&self.data_dir));
         s.push_str("[backend]\nkind = \"local\"\n");
+        for (k, v) in &self.backend {
+            let _ = writeln!(s, "{k} = {v}");
+        }
         if !self.limits.is_empty() {
             s.push_str("[limits]\n");
             for (k, v) in &self.limits {
@@ -426,6 +438,9 @@ pub struct Snapshot {
     pub method: String,
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// `pending` while a copy-before-write snapshot is still being filled.
+    #[serde(default)]
+    pub state: String,
 }
 
 /// Runs `sync-gateway snapshots --config FILE [--disk ID] --json`.

@@ -56,6 +56,8 @@ pub struct SnapshotCopy {
     pool: BufferPool,
     progress: Mutex<Progress>,
     changed: Condvar,
+    /// Background copy cap in bytes/s (0: none).
+    rate: u64,
 }
 
 fn open_direct(p: &Path, write: bool) -> Option<File> {
@@ -122,7 +124,14 @@ impl SnapshotCopy {
             dst,
             pool: BufferPool::new(PART as usize, 4),
             changed: Condvar::new(),
+            rate: 0,
         })
+    }
+
+    /// Caps the background copy at `bytes_per_sec` (0: no cap).
+    pub fn with_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.rate = bytes_per_sec;
+        self
     }
 
     /// The snapshot's metadata as recorded at initiation.
@@ -203,8 +212,18 @@ impl SnapshotCopy {
     /// Background body: copies all parts, syncs, records completion. Returns the outcome.
     pub fn run(&self) -> Result<SnapshotInfo, String> {
         let result = (|| -> io::Result<SnapshotInfo> {
+            let started = std::time::Instant::now();
+            let mut copied = 0u64;
             for i in 0..self.starts.len() {
                 self.copy_part(i)?;
+                copied += self.starts[i].1 as u64;
+                if self.rate > 0 {
+                    // A plain thread: sleeping here delays only this copy.
+                    let due = std::time::Duration::from_secs_f64(copied as f64 / self.rate as f64);
+                    if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(ahead);
+                    }
+                }
             }
             self.dst.sync_all()?;
             let mut info = self.info.clone();

@@ -23,6 +23,7 @@ use crate::durable;
 pub struct LocalBackend {
     data_dir: PathBuf,
     direct_io: bool,
+    copy_rate: u64,
 }
 
 impl LocalBackend {
@@ -30,7 +31,14 @@ impl LocalBackend {
         LocalBackend {
             data_dir,
             direct_io,
+            copy_rate: 0,
         }
+    }
+
+    /// Caps the background copy of snapshots at `bytes_per_sec` (0: no cap).
+    pub fn with_copy_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.copy_rate = bytes_per_sec;
+        self
     }
 
     /// Path of a disk's volume.
@@ -143,6 +151,7 @@ impl LocalBackend {
         let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
         durable::atomic_write(&meta, &json, 0o600).map_err(io("write", &meta))?;
         let copy = SnapshotCopy::begin(info, meta, volume.path(), &img, volume.size())
+            .map(|c| c.with_rate(self.copy_rate))
             .map_err(io("start copy to", &img))?;
         let copy = Arc::new(copy);
         let bg = copy.clone();

@@ -155,9 +155,13 @@ impl Backend {
     /// Builds the backend named in the config.
     pub fn from_config(config: &Config) -> Self {
         match &config.backend {
-            BackendConfig::Local { direct_io } => {
-                Backend::Local(LocalBackend::new(config.data_dir.clone(), *direct_io))
-            }
+            BackendConfig::Local {
+                direct_io,
+                snapshot_copy_bytes_per_sec,
+            } => Backend::Local(
+                LocalBackend::new(config.data_dir.clone(), *direct_io)
+                    .with_copy_rate(*snapshot_copy_bytes_per_sec),
+            ),
         }
     }
 
