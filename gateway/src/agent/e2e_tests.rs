@@ -57,8 +57,10 @@ fn setup(addr: &str) -> Setup {
         verify: true,
         bandwidth_limit: None,
         full: false,
+        rescan: false,
         retry_timeout: Duration::from_secs(5),
         block_size: 16 * BLOCK as u64,
+        delta_block_size: delta::DEFAULT_BLOCK_SIZE,
         progress: false,
     };
     Setup {
@@ -77,7 +79,9 @@ async fn gateway_for(s: &mut Setup, window: u64) -> FakeGateway {
 }
 
 fn assert_replica(gw: &FakeGateway, image: &Path) {
-    assert!(gw.disk.lock().unwrap().data == std::fs::read(image).unwrap());
+    let d = gw.disk.lock().unwrap();
+    assert!(d.data == std::fs::read(image).unwrap());
+    assert!(d.out_of_order.is_empty(), "{:?}", d.out_of_order);
 }
 
 fn sha_hex(p: &Path) -> String {
@@ -261,4 +265,209 @@ async fn bandwidth_limit_slows_the_wire() {
     assert!(took >= expect * 0.9, "took {took}, expected {expect}");
     assert_eq!(r.verified, None);
     assert_eq!(r.digest, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta resync
+
+fn forget_state(s: &Setup) {
+    std::fs::remove_dir_all(&s.opts.state_dir).unwrap();
+}
+
+fn saved_pass(s: &Setup) -> Option<state::PassRecord> {
+    StateDir::open(&s.opts.state_dir, "disk-1")
+        .unwrap()
+        .load()
+        .unwrap()
+        .pass
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_state_runs_a_delta_pass() {
+    let mut s = setup("");
+    let gw = gateway_for(&mut s, 64 << 20).await;
+    let full = replicate(&s.opts).await.unwrap();
+    assert_eq!((full.mode.as_str(), full.blocks_matched), ("full", 0));
+
+    // the same changes as in full_then_incremental, then the state is lost
+    let mut img = std::fs::read(&s.image).unwrap();
+    img[5 * BLOCK + 3] ^= 0xff;
+    img[22 * BLOCK..23 * BLOCK].fill(0);
+    img[33 * BLOCK] ^= 1;
+    let n = img.len();
+    img[n - 1] = 9;
+    std::fs::write(&s.image, &img).unwrap();
+    forget_state(&s);
+    let queries = gw.disk.lock().unwrap().hash_queries;
+    let r = replicate(&s.opts).await.unwrap();
+    assert_replica(&gw, &s.image);
+    assert_eq!(r.mode, "delta");
+    assert_eq!(r.verified, Some(true));
+    assert!(r.checkpoint_label.starts_with("delta-"), "{r:?}");
+    assert_eq!((r.blocks_sent, r.blocks_zero, r.blocks_matched), (3, 1, 37));
+    assert_eq!(r.bytes_changed, 3 * BLOCK as u64 + 1000);
+    assert_eq!(r.frames_sent, 5);
+    assert_eq!(r.bytes_scanned, r.bytes_total);
+    assert_eq!(r.resumed_from_seq, None);
+    // one coarse query (three 64 KiB blocks, all differing) and one 4 KiB refinement
+    assert_eq!(gw.disk.lock().unwrap().hash_queries - queries, 2);
+    // 3 hashes + 41 hashes of queries on top of what an incremental pass sends
+    assert!(
+        r.bytes_sent_wire < r.bytes_changed + 1000 + 44 * 32 + 100,
+        "{r:?}"
+    );
+    assert!(saved_pass(&s).is_none());
+
+    // the map it built is a good baseline
+    let r2 = replicate(&s.opts).await.unwrap();
+    assert_eq!(
+        (r2.mode.as_str(), r2.bytes_changed, r2.frames_sent),
+        ("incremental", 0, 1)
+    );
+    assert_eq!(r2.verified, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescan_repairs_what_an_incremental_pass_cannot_see() {
+    let mut s = setup("");
+    let gw = gateway_for(&mut s, 64 << 20).await;
+    replicate(&s.opts).await.unwrap();
+    {
+        let mut d = gw.disk.lock().unwrap();
+        d.data[2 * BLOCK + 10] ^= 0x55; // random
+        d.data[17 * BLOCK] ^= 1; // text
+        d.data[39 * BLOCK + 4095] ^= 1; // random
+        d.data[8 * BLOCK + 7] = 1; // a zero block
+    }
+    let r = replicate(&s.opts).await.unwrap();
+    assert_eq!((r.mode.as_str(), r.bytes_changed), ("incremental", 0));
+    assert_eq!(r.verified, Some(false));
+
+    s.opts.rescan = true;
+    let r = replicate(&s.opts).await.unwrap();
+    assert_replica(&gw, &s.image);
+    assert_eq!(r.mode, "delta");
+    assert_eq!(r.verified, Some(true));
+    assert_eq!((r.blocks_sent, r.blocks_zero, r.blocks_matched), (3, 1, 37));
+    // and again: nothing differs any more
+    let r = replicate(&s.opts).await.unwrap();
+    assert_eq!(
+        (r.mode.as_str(), r.bytes_changed, r.blocks_matched),
+        ("delta", 0, 41)
+    );
+    s.opts.rescan = false;
+    let r = replicate(&s.opts).await.unwrap();
+    assert_eq!((r.mode.as_str(), r.bytes_changed), ("incremental", 0));
+    // --full and --rescan together are refused before anything is sent
+    s.opts.rescan = true;
+    s.opts.full = true;
+    assert!(matches!(
+        replicate(&s.opts).await,
+        Err(AgentError::FullAndRescan)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_pass_survives_lost_queries_and_frames() {
+    for (delta_block, drop_at_query) in [(4096u64, 1u64), (16384, 2), (65536, 1), (65536, 2)] {
+        let mut s = setup("");
+        let gw = gateway_for(&mut s, 3 * 4096).await;
+        s.opts.block_size = BLOCK as u64;
+        s.opts.delta_block_size = delta_block;
+        replicate(&s.opts).await.unwrap();
+        // change every third block, lose the state, and cut the connection once at a query
+        // and once at a data frame of the delta pass
+        let mut img = std::fs::read(&s.image).unwrap();
+        for b in (1..41).step_by(3) {
+            img[b * BLOCK + 1] ^= 0x80;
+        }
+        std::fs::write(&s.image, &img).unwrap();
+        forget_state(&s);
+        {
+            let q = gw.disk.lock().unwrap().hash_queries;
+            let f = gw.disk.lock().unwrap().data_frames;
+            let mut faults = gw.faults.lock().unwrap();
+            faults.drop_at_query = Some(q + drop_at_query);
+            faults.drop_after_frames = Some(f + 5);
+        }
+        let r = replicate(&s.opts).await.unwrap();
+        assert_replica(&gw, &s.image);
+        assert_eq!(r.mode, "delta");
+        assert_eq!(r.verified, Some(true), "delta block {delta_block}");
+        assert_eq!(r.reconnects, 2, "delta block {delta_block}: {r:?}");
+        assert_eq!(
+            r.blocks_sent + r.blocks_zero,
+            14,
+            "delta block {delta_block}"
+        );
+        assert_eq!(r.blocks_matched, 41 - 14);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_delta_pass_starts_over() {
+    let mut s = setup("");
+    let gw = gateway_for(&mut s, 64 << 20).await;
+    s.opts.block_size = BLOCK as u64;
+    replicate(&s.opts).await.unwrap();
+    let mut img = std::fs::read(&s.image).unwrap();
+    for b in [3, 6, 7, 11, 30] {
+        img[b * BLOCK] ^= 0x80;
+    }
+    std::fs::write(&s.image, &img).unwrap();
+    forget_state(&s);
+    let f = gw.disk.lock().unwrap().data_frames;
+    gw.faults.lock().unwrap().fatal_after_frames = Some(f + 2);
+    let err = replicate(&s.opts).await.unwrap_err();
+    assert!(error::chain(&err).contains("revoked (17)"), "{err}");
+    let pass = saved_pass(&s).unwrap();
+    assert_eq!(pass.kind, state::PassKind::Delta);
+
+    let r = replicate(&s.opts).await.unwrap();
+    assert_replica(&gw, &s.image);
+    assert_eq!((r.mode.as_str(), r.resumed_from_seq), ("delta", None));
+    assert_eq!(r.verified, Some(true));
+    // the two blocks written before the failure now match
+    assert_eq!(r.blocks_sent, 3);
+    assert_eq!(r.blocks_matched, 41 - 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescan_against_a_blank_gateway_streams_several_groups() {
+    // 20 MiB + 1000 bytes: two groups, the second one short and unaligned; most blocks differ
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("big.img");
+    let mut v = Vec::with_capacity(20 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..(20 << 20) / BLOCK {
+        match i % 5 {
+            0 => v.extend(std::iter::repeat_n(0u8, BLOCK)),
+            1 | 2 => v.extend(b"text block ".iter().cycle().take(BLOCK)),
+            _ => v.extend((0..BLOCK).map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })),
+        }
+    }
+    v.extend(std::iter::repeat_n(3u8, 1000));
+    std::fs::write(&image, &v).unwrap();
+    let mut s = setup("");
+    s.image = image.clone();
+    s.opts.source = image;
+    s.opts.rescan = true;
+    let gw = gateway_for(&mut s, 64 << 20).await;
+    let r = replicate(&s.opts).await.unwrap();
+    assert_replica(&gw, &s.image);
+    assert_eq!((r.mode.as_str(), r.verified), ("delta", Some(true)));
+    let blocks = (20 << 20) / BLOCK as u64 + 1;
+    // the blank volume already holds every zero block
+    assert_eq!(r.blocks_matched, (20 << 20) / BLOCK as u64 / 5);
+    assert_eq!(r.blocks_sent + r.blocks_matched, blocks);
+    assert_eq!(r.blocks_zero, 0);
+    // text compresses
+    assert!(r.bytes_sent_wire < r.bytes_changed, "{r:?}");
+    let r2 = replicate(&s.opts).await.unwrap();
+    assert_eq!((r2.bytes_changed, r2.blocks_matched), (0, blocks));
 }

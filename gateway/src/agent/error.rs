@@ -43,6 +43,10 @@ pub enum AgentError {
     Locked { path: PathBuf },
     #[error("invalid block size {0}: must be at least 4096")]
     BlockSize(u64),
+    #[error("invalid delta block size {0}: must be a multiple of 4096, at most 8388608")]
+    DeltaBlockSize(u64),
+    #[error("--full and --rescan exclude each other")]
+    FullAndRescan,
     #[error("cannot connect to gateway {addr}")]
     Connect {
         addr: String,

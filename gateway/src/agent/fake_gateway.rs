@@ -1,5 +1,6 @@
 //! An in-memory gateway for the agent's own end-to-end tests, with fault injection.
-//! It follows protocol v1 (digest checks, seq checks, acks, checkpoints) but nothing else.
+//! It follows protocol v1 (digest checks, seq checks, acks, checkpoints, hash queries) but
+//! nothing else.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 
 use crate::protocol::auth::{gateway_proof, verify_agent, DiskKey, Transcript};
-use crate::protocol::{CheckpointAck, ErrorCode, Frame, FrameCodec, Welcome, PREAMBLE};
+use crate::protocol::{CheckpointAck, ErrorCode, Frame, FrameCodec, HashReply, Welcome, PREAMBLE};
 
 /// What the fake has made "durable".
 #[derive(Debug, Default)]
@@ -26,7 +27,10 @@ pub struct FakeDisk {
     pub snapshot_id: String,
     pub snapshots: u32,
     pub data_frames: u64,
+    pub hash_queries: u64,
     pub connections: u32,
+    /// Data frames that broke the ascending offset order within a connection.
+    pub out_of_order: Vec<String>,
 }
 
 /// Misbehaviour to inject; each fires once.
@@ -42,6 +46,9 @@ pub struct Faults {
     pub fatal_instead_of_checkpoint_ack: bool,
     /// Prove the key wrongly.
     pub bad_proof: bool,
+    /// Close the connection on receiving this many hash queries (over the fake's lifetime),
+    /// without answering the last.
+    pub drop_at_query: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,12 +139,21 @@ impl FakeGateway {
             }
         };
         f.send(Frame::Welcome(welcome)).await.ok()?;
+        // Data frames of one connection (one pass, resends first) ascend in offset.
+        let mut data_end = 0u64;
         while let Some(Ok(frame)) = f.next().await {
             match frame {
                 Frame::Data(d) => {
                     let reply = {
                         let mut disk = self.disk.lock().unwrap();
                         assert!(d.seq > disk.durable_seq, "seq {} regressed", d.seq);
+                        if d.offset < data_end {
+                            disk.out_of_order.push(format!(
+                                "seq {} at offset {} after a write ending at {data_end}",
+                                d.seq, d.offset
+                            ));
+                        }
+                        data_end = d.end();
                         let plain = if d.is_zero() {
                             vec![0; d.length as usize]
                         } else if d.is_lz4() {
@@ -208,6 +224,38 @@ impl FakeGateway {
                     }
                     f.send(Frame::Ack { durable_seq: c.seq }).await.ok()?;
                     f.send(Frame::CheckpointAck(ack)).await.ok()?;
+                }
+                Frame::HashQuery(q) => {
+                    let reply = {
+                        let mut disk = self.disk.lock().unwrap();
+                        disk.hash_queries += 1;
+                        let n = disk.hash_queries;
+                        let mut faults = self.faults.lock().unwrap();
+                        if faults.drop_at_query.is_some_and(|k| n >= k) {
+                            faults.drop_at_query = None;
+                            return None;
+                        }
+                        let bs = q.block_size as usize;
+                        let len = disk.data.len();
+                        let differs = q
+                            .hashes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, want)| {
+                                let start = q.offset as usize + i * bs;
+                                assert!(start < len, "query past the end");
+                                let got: [u8; 32] =
+                                    Sha256::digest(&disk.data[start..(start + bs).min(len)]).into();
+                                got != *want
+                            })
+                            .collect();
+                        HashReply {
+                            offset: q.offset,
+                            block_size: q.block_size,
+                            differs,
+                        }
+                    };
+                    f.send(Frame::HashReply(reply)).await.ok()?;
                 }
                 _ => return None,
             }

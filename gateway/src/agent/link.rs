@@ -11,6 +11,13 @@
 //! Every frame sent and not yet covered by an `Ack` stays in `retained` (encoded once, shared
 //! `Bytes`), weighed in wire bytes against the gateway's window. A reader task drains the socket
 //! while the writer blocks, so acks are never stuck behind a full send buffer.
+//!
+//! Delta resync: `HashQuery` frames carry no seq and are not weighed against the window (the
+//! caller bounds how many are outstanding; the gateway answers them without holding buffers).
+//! Each stays in `queries` until its `HashReply` arrives; replies come in query order, between
+//! acks, and wait in `replies` for [`Link::reply`]. After a reconnect the unanswered queries are
+//! resent after the retained data frames: a query's blocks never overlap a data frame sent
+//! before its answer, so the order between the two does not matter.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -25,7 +32,9 @@ use super::handshake::{self, frame_error, write_frame, Conn};
 use super::throttle::Throttle;
 use crate::protocol::auth::DiskKey;
 use crate::protocol::frame::{encode, CHECKPOINT_VERIFY};
-use crate::protocol::{Checkpoint, CheckpointAck, Frame, FrameError, Welcome};
+use crate::protocol::{
+    Checkpoint, CheckpointAck, Frame, FrameError, HashQuery, HashReply, Welcome,
+};
 
 /// First reconnect delay; doubles per failed attempt.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -68,6 +77,14 @@ struct Retained {
     bytes: Bytes,
 }
 
+/// A hash query sent and not yet answered.
+struct SentQuery {
+    offset: u64,
+    block_size: u32,
+    count: usize,
+    bytes: Bytes,
+}
+
 /// A session with the gateway that survives connection loss.
 pub struct Link {
     cfg: LinkConfig,
@@ -84,6 +101,10 @@ pub struct Link {
     pending_checkpoint: Option<u64>,
     checkpoint_ack: Option<CheckpointAck>,
     landed: Option<Welcome>,
+    /// Hash queries awaiting their reply, in the order sent.
+    queries: VecDeque<SentQuery>,
+    /// Replies received and not yet taken by [`Link::reply`], in query order.
+    replies: VecDeque<HashReply>,
     stats: LinkStats,
 }
 
@@ -94,6 +115,7 @@ impl std::fmt::Debug for Link {
             .field("acked", &self.acked)
             .field("last_sent", &self.last_sent)
             .field("retained", &self.retained.len())
+            .field("queries", &self.queries.len())
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +137,8 @@ impl Link {
             pending_checkpoint: None,
             checkpoint_ack: None,
             landed: None,
+            queries: VecDeque::new(),
+            replies: VecDeque::new(),
             stats: LinkStats::default(),
         };
         let welcome = link.establish(None).await?;
@@ -154,6 +178,58 @@ impl Link {
             self.establish(Some(e)).await?;
         }
         Ok(())
+    }
+
+    /// Sends a `HashQuery`; its answer comes from [`Link::reply`], in query order. Survives
+    /// reconnects like data frames do (the query is resent until answered).
+    pub async fn query(&mut self, q: HashQuery) -> Result<(), AgentError> {
+        if let Err(e) = self.drain() {
+            self.establish(Some(e)).await?;
+        }
+        let (offset, block_size, count) = (q.offset, q.block_size, q.hashes.len());
+        let mut buf = BytesMut::with_capacity(21 + 32 * count);
+        encode(&Frame::HashQuery(q), &mut buf);
+        let bytes = buf.freeze();
+        self.queries.push_back(SentQuery {
+            offset,
+            block_size,
+            count,
+            bytes: bytes.clone(),
+        });
+        if let Err(e) = self.write_current(&bytes).await {
+            let e = self.gateway_reason(e).await;
+            self.establish(Some(e)).await?;
+        }
+        Ok(())
+    }
+
+    /// The answer to the oldest query not yet taken, if it has arrived (no waiting).
+    pub async fn try_reply(&mut self) -> Result<Option<HashReply>, AgentError> {
+        if self.replies.is_empty() {
+            if let Err(e) = self.drain() {
+                self.establish(Some(e)).await?;
+            }
+        }
+        Ok(self.replies.pop_front())
+    }
+
+    /// The answer to the oldest query not yet taken, waiting (and reconnecting) as needed.
+    pub async fn reply(&mut self) -> Result<HashReply, AgentError> {
+        loop {
+            if let Some(r) = self.replies.pop_front() {
+                return Ok(r);
+            }
+            if self.queries.is_empty() {
+                return Err(AgentError::Internal(
+                    "waiting for a hash reply with no query outstanding".into(),
+                ));
+            }
+            // The gateway applies every earlier write before it hashes: the usual stall
+            // limit covers that (writes do not wait for acks on its side).
+            if let Err(e) = self.pump(STALL_TIMEOUT).await {
+                self.establish(Some(e)).await?;
+            }
+        }
     }
 
     /// After a failed write, the gateway's `Error` frame (sent just before it closed) explains
@@ -314,8 +390,21 @@ impl Link {
             )
             .await?;
         }
-        if !self.retained.is_empty() {
-            tracing::info!("resent {} frames", self.retained.len());
+        for q in &self.queries {
+            write_frame(
+                &mut conn.writer,
+                &mut self.throttle,
+                &mut self.stats,
+                &q.bytes,
+            )
+            .await?;
+        }
+        if !self.retained.is_empty() || !self.queries.is_empty() {
+            tracing::info!(
+                "resent {} frames and {} hash queries",
+                self.retained.len(),
+                self.queries.len()
+            );
         }
         Ok(())
     }
@@ -385,6 +474,29 @@ impl Link {
                 } else {
                     tracing::warn!("ignoring an ack for checkpoint {} never sent", a.seq);
                 }
+                Ok(())
+            }
+            Some(Ok(Frame::HashReply(r))) => {
+                let Some(q) = self.queries.front() else {
+                    return Err(AgentError::Protocol(format!(
+                        "hash reply for offset {} without a query",
+                        r.offset
+                    )));
+                };
+                if (r.offset, r.block_size, r.differs.len()) != (q.offset, q.block_size, q.count) {
+                    return Err(AgentError::Protocol(format!(
+                        "hash reply for {} blocks of {} at offset {} answers a query for {} blocks \
+                         of {} at offset {}",
+                        r.differs.len(),
+                        r.block_size,
+                        r.offset,
+                        q.count,
+                        q.block_size,
+                        q.offset
+                    )));
+                }
+                self.queries.pop_front();
+                self.replies.push_back(r);
                 Ok(())
             }
             Some(Ok(Frame::Error { code, message })) => Err(AgentError::Refused { code, message }),

@@ -7,11 +7,14 @@
 //!     ─▶ CheckpointAck ─▶ blockmap.bin ─▶ state.json (pass done)
 //! ```
 //!
-//! - [`plan`]: full, incremental, resume or "already landed", from state and `Welcome`.
+//! - [`plan`]: full, incremental, delta, resume or "already landed", from state and `Welcome`.
 //! - [`scan`]: read, hash, diff, compress and encode, on threads, in order.
+//! - [`delta`]: the pass without a baseline: ask the gateway which blocks differ (hash queries),
+//!   send only those.
 //! - [`link`]: the connection, send window, acks, reconnect and resend.
 //! - [`state`]: what survives between runs; [`report`]: what a run tells its caller.
 
+pub mod delta;
 pub mod error;
 mod handshake;
 pub mod link;
@@ -32,7 +35,7 @@ use tokio::sync::mpsc;
 
 pub use error::AgentError;
 use link::{CheckpointOutcome, Link, LinkConfig};
-use plan::Plan;
+use plan::{Force, Plan};
 pub use report::Report;
 use scan::{Pending, ScanConfig};
 use state::{BlockMap, CheckpointRecord, PassKind, PassRecord, StateDir};
@@ -53,9 +56,15 @@ pub struct ReplicateOptions {
     /// Wire bytes per second.
     pub bandwidth_limit: Option<u64>,
     pub full: bool,
+    /// `--rescan`: a delta pass even with a usable baseline (verify and repair the gateway's
+    /// copy). Not together with `full`.
+    pub rescan: bool,
     pub retry_timeout: Duration,
     /// Largest block per frame; capped by the gateway's `max_payload`.
     pub block_size: u64,
+    /// Granularity of a delta pass's first comparison (a multiple of 4 KiB); differing blocks
+    /// are then compared per 4 KiB.
+    pub delta_block_size: u64,
     pub progress: bool,
 }
 
@@ -68,6 +77,10 @@ pub async fn replicate(opts: &ReplicateOptions) -> Result<Report, AgentError> {
     }
     if opts.block_size < BLOCK_SIZE {
         return Err(AgentError::BlockSize(opts.block_size));
+    }
+    let delta_block = delta::check_block_size(opts.delta_block_size)?;
+    if opts.full && opts.rescan {
+        return Err(AgentError::FullAndRescan);
     }
     let key = DiskKey::load(&opts.key_file)?;
     let (source, size) = open_source(&opts.source)?;
@@ -85,7 +98,14 @@ pub async fn replicate(opts: &ReplicateOptions) -> Result<Report, AgentError> {
     })
     .await?;
     let chunk = frame_block_size(opts.block_size, welcome.max_payload)?;
-    let plan = plan::decide(&saved, saved_map.as_ref(), size, &welcome, opts.full);
+    let force = if opts.rescan {
+        Force::Rescan
+    } else if opts.full {
+        Force::Full
+    } else {
+        Force::Auto
+    };
+    let plan = plan::decide(&saved, saved_map.as_ref(), size, &welcome, force);
     tracing::debug!(?plan, ?welcome, "plan");
     let landed = matches!(plan, Plan::Landed(_));
 
@@ -114,19 +134,8 @@ pub async fn replicate(opts: &ReplicateOptions) -> Result<Report, AgentError> {
     };
 
     let progress = opts.progress.then(|| progress_bar(size));
-    let mut scan = scan::start(ScanConfig {
-        source: Arc::new(source),
-        path: opts.source.clone(),
-        size,
-        chunk,
-        send_from,
-        first_seq: welcome.durable_seq.max(welcome.checkpoint_seq) + 1,
-        baseline,
-        verify: opts.verify,
-        workers: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4)),
-        progress: progress.clone(),
-    });
-
+    let first_seq = welcome.durable_seq.max(welcome.checkpoint_seq) + 1;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
     let mut report = Report {
         disk_id: opts.disk_id.clone(),
         mode: pass.kind.as_str().to_string(),
@@ -134,11 +143,41 @@ pub async fn replicate(opts: &ReplicateOptions) -> Result<Report, AgentError> {
         resumed_from_seq,
         ..Report::default()
     };
-    stream(&mut link, &mut scan.frames, &mut report).await?;
-    let scanned = scan
-        .done
-        .await
-        .map_err(|_| AgentError::Internal("scan thread stopped".into()))??;
+    let scanned = if pass.kind == PassKind::Delta && !landed {
+        delta::run(
+            &mut link,
+            delta::DeltaConfig {
+                source: Arc::new(source),
+                path: opts.source.clone(),
+                size,
+                block_size: delta_block,
+                chunk,
+                first_seq,
+                verify: opts.verify,
+                workers,
+                progress: progress.clone(),
+            },
+            &mut report,
+        )
+        .await?
+    } else {
+        let mut scan = scan::start(ScanConfig {
+            source: Arc::new(source),
+            path: opts.source.clone(),
+            size,
+            chunk,
+            send_from,
+            first_seq,
+            baseline,
+            verify: opts.verify,
+            workers,
+            progress: progress.clone(),
+        });
+        stream(&mut link, &mut scan.frames, &mut report).await?;
+        scan.done
+            .await
+            .map_err(|_| AgentError::Internal("scan thread stopped".into()))??
+    };
     if let Some(pb) = &progress {
         pb.finish_and_clear();
     }

@@ -6,7 +6,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Report {
     pub disk_id: String,
-    /// `"full"` or `"incremental"` (incremental iff the baseline block map was used).
+    /// `"full"`, `"incremental"` (the baseline block map was used) or `"delta"` (blocks were
+    /// compared with the gateway's copy by hash; no baseline needed).
     pub mode: String,
     /// Size of the source.
     pub bytes_total: u64,
@@ -20,6 +21,8 @@ pub struct Report {
     pub blocks_sent: u64,
     /// 4 KiB blocks sent as zero runs.
     pub blocks_zero: u64,
+    /// 4 KiB blocks not sent because the gateway already held them (delta pass; 0 otherwise).
+    pub blocks_matched: u64,
     /// `Data` and `Checkpoint` frames of this run (first sends).
     pub frames_sent: u64,
     /// Durable seq of the first `Welcome`, when this run resumed an interrupted pass.
@@ -65,6 +68,12 @@ impl Report {
             "checkpoint {} (seq {}) -> snapshot {}\n",
             self.checkpoint_label, self.checkpoint_seq, self.snapshot_id
         ));
+        if self.mode == "delta" {
+            s.push_str(&format!(
+                "{} blocks already on the gateway (compared by SHA-256, not sent)\n",
+                self.blocks_matched
+            ));
+        }
         if let Some(seq) = self.resumed_from_seq {
             s.push_str(&format!("resumed an interrupted pass after seq {seq}\n"));
         }
@@ -106,6 +115,7 @@ mod tests {
             "bytes_sent_wire",
             "blocks_sent",
             "blocks_zero",
+            "blocks_matched",
             "frames_sent",
             "resumed_from_seq",
             "reconnects",

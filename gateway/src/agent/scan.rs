@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -228,7 +228,7 @@ fn scan_loop(
     let cancelled = || AgentError::Internal("scan cancelled".into());
     while off < cfg.size {
         let len = (cfg.size - off).min(cfg.chunk as u64) as usize;
-        let data = read_chunk(cfg, off, len)?;
+        let data = read_chunk(&cfg.source, &cfg.path, cfg.size, off, len)?;
         if let Some(d) = digest {
             d.send(data.clone()).map_err(|_| cancelled())?;
         }
@@ -269,23 +269,30 @@ fn scan_loop(
     Ok((map, off, seq))
 }
 
-fn read_chunk(cfg: &ScanConfig, off: u64, len: usize) -> Result<Bytes, AgentError> {
+/// Reads `len` bytes at `off` of a source of `size` bytes.
+pub(crate) fn read_chunk(
+    source: &File,
+    path: &Path,
+    size: u64,
+    off: u64,
+    len: usize,
+) -> Result<Bytes, AgentError> {
     let mut buf = BytesMut::zeroed(len);
     let mut done = 0;
     while done < len {
-        match cfg.source.read_at(&mut buf[done..], off + done as u64) {
+        match source.read_at(&mut buf[done..], off + done as u64) {
             Ok(0) => {
                 return Err(AgentError::SourceShrank {
-                    path: cfg.path.clone(),
+                    path: path.to_path_buf(),
                     at: off + done as u64,
-                    expected: cfg.size,
+                    expected: size,
                 })
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(source) => {
                 return Err(AgentError::Source {
-                    path: cfg.path.clone(),
+                    path: path.to_path_buf(),
                     source,
                 })
             }
@@ -294,7 +301,7 @@ fn read_chunk(cfg: &ScanConfig, off: u64, len: usize) -> Result<Bytes, AgentErro
     Ok(buf.freeze())
 }
 
-fn zero_frame(seq: u64, offset: u64, len: usize, blocks: u64) -> Outgoing {
+pub(crate) fn zero_frame(seq: u64, offset: u64, len: usize, blocks: u64) -> Outgoing {
     let frame = Frame::Data(Data {
         seq,
         offset,
@@ -369,7 +376,7 @@ fn encode_worker(jobs: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn digest_worker(chunks: &Receiver<Bytes>) -> [u8; 32] {
+pub(crate) fn digest_worker(chunks: &Receiver<Bytes>) -> [u8; 32] {
     let mut h = Sha256::new();
     while let Ok(c) = chunks.recv() {
         h.update(&c);

@@ -33,12 +33,14 @@ const LOCK_FILE: &str = "lock";
 const MAP_MAGIC: &[u8; 8] = b"SGWBMAP1";
 const MAP_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8 + 8;
 
-/// Whether a pass sends every block or only those changed since the baseline.
+/// Whether a pass sends every block, only those changed since the baseline, or only those
+/// whose content differs from the gateway's (delta resync: hash queries, no baseline needed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PassKind {
     Full,
     Incremental,
+    Delta,
 }
 
 impl PassKind {
@@ -46,6 +48,7 @@ impl PassKind {
         match self {
             PassKind::Full => "full",
             PassKind::Incremental => "incremental",
+            PassKind::Delta => "delta",
         }
     }
 
@@ -54,6 +57,7 @@ impl PassKind {
         match self {
             PassKind::Full => "full",
             PassKind::Incremental => "incr",
+            PassKind::Delta => "delta",
         }
     }
 }

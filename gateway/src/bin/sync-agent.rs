@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! sync-agent replicate --gateway HOST:PORT --disk-id ID --key-file FILE --state-dir DIR
-//!                      [--json] [--verify] [--bandwidth-limit RATE] [--full]
-//!                      [--retry-timeout SECS] [--block-size BYTES] SOURCE
+//!                      [--json] [--verify] [--bandwidth-limit RATE] [--full | --rescan]
+//!                      [--retry-timeout SECS] [--block-size BYTES] [--delta-block-size BYTES]
+//!                      SOURCE
 //! sync-agent keygen --out FILE
 //! ```
 //!
@@ -66,14 +67,23 @@ struct ReplicateArgs {
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     bandwidth_limit: Option<u64>,
     /// Send every block even when an incremental pass is possible.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rescan")]
     full: bool,
+    /// Verify and repair: compare every block with the gateway's copy by SHA-256 (a delta
+    /// pass) and send those that differ, even when an incremental pass is possible.
+    #[arg(long)]
+    rescan: bool,
     /// Give up after this many seconds without a working connection.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     retry_timeout: u64,
     /// Largest block per frame (capped by the gateway, rounded down to 4 KiB).
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     block_size: u64,
+    /// Granularity of a delta pass's first comparison (a multiple of 4096); blocks that differ
+    /// are then compared per 4 KiB. A delta pass runs without a baseline when the gateway
+    /// already holds the disk, and with --rescan.
+    #[arg(long, value_name = "BYTES", default_value_t = agent::delta::DEFAULT_BLOCK_SIZE)]
+    delta_block_size: u64,
     /// Image file or block device to replicate.
     source: PathBuf,
 }
@@ -107,8 +117,10 @@ fn run(command: Command) -> Result<ExitCode, AgentError> {
         verify: args.verify,
         bandwidth_limit: args.bandwidth_limit,
         full: args.full,
+        rescan: args.rescan,
         retry_timeout: Duration::from_secs(args.retry_timeout),
         block_size: args.block_size,
+        delta_block_size: args.delta_block_size,
         progress: std::io::stderr().is_terminal(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
