@@ -888,3 +888,32 @@ fn snapshot_copy_is_point_in_time_while_the_next_pass_writes() {
     assert_same_file(&gw.volume("disk-1"), &src, "volume");
     gw.terminate(Duration::from_secs(30));
 }
+
+/// A gateway that accepts every session and then fails it (here: the snapshot directory cannot
+/// be created) is not retried forever: the agent's retry timeout counts from the first failure
+/// and only real progress resets it.
+#[test]
+fn agent_gives_up_on_a_gateway_that_keeps_failing_after_auth() {
+    let _s = serial();
+    let t = TestDir::new("keeps-failing");
+    let size = 4 * MIB;
+    let key = t.key_path("disk-1");
+    write_key(&key, 3);
+    let cfg = GatewayConfig::new(t.data_dir()).disk("disk-1", size, &key);
+    let mut gw = Gateway::start(&cfg, &t.path("gateway.toml"), &t.path("gateway.log"));
+    // A file where the disk's snapshot directory must go: every checkpoint fails.
+    std::fs::create_dir_all(t.data_dir().join("snapshots")).unwrap();
+    std::fs::write(t.data_dir().join("snapshots/disk-1"), b"in the way").unwrap();
+    let src = t.source_path("disk-1");
+    make_image(&src, size, 4);
+    // An agent that restarts its retry budget on every accepted session never exits: the
+    // 60 s deadline (20× the retry timeout) kills it and fails the test.
+    let run = AgentCmd::new(gw.addr, "disk-1", &key, &t.state_dir("disk-1"), &src)
+        .retry_timeout(3)
+        .run(Duration::from_secs(60));
+    let d = run.describe();
+    assert!(!run.status.success(), "{d}");
+    assert!(run.stderr.contains("storage_error"), "{d}");
+    assert!(gw.is_alive(), "gateway survived the failing checkpoints");
+    gw.terminate(Duration::from_secs(30));
+}

@@ -106,6 +106,10 @@ pub struct Link {
     /// Replies received and not yet taken by [`Link::reply`], in query order.
     replies: VecDeque<HashReply>,
     stats: LinkStats,
+    /// Start of the current run of failures; cleared by progress (an ack that moves the
+    /// durable point, a reply, a checkpoint ack), so a gateway that accepts sessions and then
+    /// fails them all still meets the retry timeout.
+    failing_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Link {
@@ -138,6 +142,7 @@ impl Link {
             checkpoint_ack: None,
             landed: None,
             queries: VecDeque::new(),
+            failing_since: None,
             replies: VecDeque::new(),
             stats: LinkStats::default(),
         };
@@ -288,7 +293,12 @@ impl Link {
     async fn establish(&mut self, cause: Option<AgentError>) -> Result<Welcome, AgentError> {
         self.conn = None;
         let reconnecting = cause.is_some();
-        let deadline = Instant::now() + self.cfg.retry_timeout;
+        let since = if reconnecting {
+            *self.failing_since.get_or_insert_with(Instant::now)
+        } else {
+            Instant::now()
+        };
+        let deadline = since + self.cfg.retry_timeout;
         let mut delay = BACKOFF_MIN;
         let mut last = cause;
         loop {
@@ -463,12 +473,16 @@ impl Link {
                         self.last_sent
                     )));
                 }
+                if durable_seq > self.acked {
+                    self.failing_since = None;
+                }
                 self.acked = self.acked.max(durable_seq);
                 self.drop_through(self.acked);
                 Ok(())
             }
             Some(Ok(Frame::CheckpointAck(a))) => {
                 if Some(a.seq) == self.pending_checkpoint {
+                    self.failing_since = None;
                     self.drop_through(a.seq);
                     self.checkpoint_ack = Some(a);
                 } else {
@@ -496,6 +510,7 @@ impl Link {
                     )));
                 }
                 self.queries.pop_front();
+                self.failing_since = None;
                 self.replies.push_back(r);
                 Ok(())
             }
