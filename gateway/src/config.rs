@@ -174,7 +174,7 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("invalid config: {0}")]
     Invalid(String),
-    #[error("disk {disk}: {source}")]
+    #[error("disk {disk}: cannot load its replication key")]
     Key {
         disk: String,
         #[source]
@@ -202,10 +202,15 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string(),
         })?;
-        apply_env(&mut value, env)?;
+        let overridden = apply_env(&mut value, env)?;
+        let origin = if overridden.is_empty() {
+            origin.to_string()
+        } else {
+            format!("{origin} (with {})", overridden.join(", "))
+        };
         let config: Config =
             Config::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Parse {
-                origin: origin.to_string(),
+                origin: origin.clone(),
                 message: e.to_string(),
             })?;
         config.validate()?;
@@ -276,10 +281,12 @@ impl Config {
     }
 }
 
+/// Applies `SYNC_GATEWAY_*` overrides; returns the variables it used.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let mut used = Vec::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -311,8 +318,10 @@ fn apply_env(
             }
         };
         slot.insert(path[path.len() - 1].clone(), value);
+        used.push(name);
     }
-    Ok(())
+    used.sort();
+    Ok(used)
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -387,7 +396,8 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.limits.sync_bytes, 8 << 20);
         let env = vec![("SYNC_GATEWAY_LIMITS__NOPE".to_string(), "1".to_string())];
-        assert!(Config::from_toml(ISSUE_EXAMPLE, "t", env).is_err());
+        let e = Config::from_toml(ISSUE_EXAMPLE, "t", env).unwrap_err();
+        assert!(e.to_string().contains("SYNC_GATEWAY_LIMITS__NOPE"), "{e}");
     }
 
     #[test]

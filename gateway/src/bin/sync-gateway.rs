@@ -44,6 +44,9 @@ enum Cmd {
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing key file (the agent holding the old key is locked out).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -134,7 +137,17 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Keygen { out } => {
+        Cmd::Keygen { out, force } => {
+            if out.exists() && !force {
+                return Err((
+                    1,
+                    format!(
+                        "{} exists; refusing to replace a key (use --force)",
+                        out.display()
+                    )
+                    .into(),
+                ));
+            }
             let key = DiskKey::generate();
             sync_gateway::durable::atomic_write(
                 &out,
@@ -152,8 +165,10 @@ fn init_logging(config: &Config) {
     let filter = std::env::var("SYNC_GATEWAY_LOG").unwrap_or_else(|_| config.log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

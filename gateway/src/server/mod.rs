@@ -90,6 +90,10 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "data dir {path} is in use by another sync-gateway (lock held on {path}/gateway.lock)"
+    )]
+    Locked { path: String },
     #[error("cannot write {path}")]
     Write {
         path: String,
@@ -108,8 +112,34 @@ impl GatewayError {
     }
 }
 
+/// Takes an exclusive lock on the data dir for the life of the process, so a second gateway
+/// started by mistake on the same volumes and state refuses to run.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, GatewayError> {
+    let path = dir.join("gateway.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| GatewayError::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |_| GatewayError::Locked {
+            path: dir.display().to_string(),
+        },
+    )?;
+    Ok(file)
+}
+
 /// Opens every configured disk, then serves agents until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), GatewayError> {
+    durable::create_dir_all_durable(&config.data_dir).map_err(|source| GatewayError::Write {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let _lock = lock_data_dir(&config.data_dir)?;
     let backend = Arc::new(Backend::from_config(&config));
     let disks = DiskRegistry::default();
     let state_dir = config.data_dir.join("state");

@@ -251,6 +251,7 @@ async fn stream_disk(
         failed.clone(),
     );
     let writer_busy = writer.busy.clone();
+    let draining = writer.draining.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name(format!("write-{}", disk.id))
@@ -376,6 +377,7 @@ async fn stream_disk(
     };
 
     // Drain: the writer makes everything received durable and acks it, then stops.
+    draining.store(true, Ordering::Relaxed);
     drop(cmd_tx);
     let drain = Duration::from_secs(shared.limits.drain_timeout_secs);
     let (stats, write_result) = match tokio::time::timeout(drain, done_rx).await {

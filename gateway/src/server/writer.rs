@@ -139,6 +139,9 @@ pub struct Writer {
     /// Set while a command is being carried out, so a slow disk or a long snapshot does not
     /// count as the agent being idle.
     pub busy: Arc<AtomicBool>,
+    /// Set when the reader has stopped: writes still queued are applied (they were received),
+    /// hash queries are skipped (nobody is left to read the answer).
+    pub draining: Arc<AtomicBool>,
     pub point: DurablePoint,
     pub stats: WriterStats,
     unsynced: u64,
@@ -168,6 +171,7 @@ impl Writer {
             linger,
             failed,
             busy: Arc::new(AtomicBool::new(false)),
+            draining: Arc::new(AtomicBool::new(false)),
             point,
             stats: WriterStats::default(),
             unsynced: 0,
@@ -334,6 +338,10 @@ impl Writer {
     }
 
     fn hash_query(&mut self, q: HashQuery) -> Result<(), SessionError> {
+        if self.draining.load(Ordering::Relaxed) {
+            // The agent is gone; it asks again after reconnecting.
+            return Ok(());
+        }
         let size = self.disk.volume.size();
         let mut buf = vec![0u8; q.block_size as usize];
         let mut differs = Vec::with_capacity(q.hashes.len());
