@@ -239,6 +239,9 @@ impl Config {
         if l.max_connections == 0 {
             return bad("limits.max_connections must be at least 1".into());
         }
+        if l.drain_timeout_secs == 0 || l.idle_timeout_secs == 0 || l.handshake_timeout_secs == 0 {
+            return bad("limits: timeouts must be at least 1 second".into());
+        }
         if l.sync_bytes == 0 {
             return bad("limits.sync_bytes must be positive".into());
         }

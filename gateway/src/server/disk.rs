@@ -59,8 +59,15 @@ impl DiskState {
         self.checkpoint.as_ref()
     }
 
-    /// Persists a new durable point (one `fdatasync`).
+    /// Persists a new durable point (one `fdatasync`). The point never moves backwards.
     pub fn store_point(&mut self, p: DurablePoint) -> std::io::Result<()> {
+        let now = self.record.get();
+        if p.seq < now.seq {
+            return Err(std::io::Error::other(format!(
+                "refusing to move the durable point back from seq {} to {}",
+                now.seq, p.seq
+            )));
+        }
         self.record.store(p)
     }
 

@@ -192,7 +192,9 @@ async fn stream_disk(
     let claim = disk.claim(&shared.cancel);
     // Wait for a superseded session of this disk to drain its writes.
     let wait = Duration::from_secs(shared.limits.drain_timeout_secs + 5);
-    let _active = match tokio::time::timeout(wait, disk.active.clone().lock_owned()).await {
+    // The guard moves into the writer thread below: the disk is released only when the writer
+    // has really stopped, even if this session gives up waiting for it.
+    let active = match tokio::time::timeout(wait, disk.active.clone().lock_owned()).await {
         Ok(g) => g,
         Err(_) => {
             let e = SessionError::peer(
@@ -256,6 +258,7 @@ async fn stream_disk(
     let thread = std::thread::Builder::new()
         .name(format!("write-{}", disk.id))
         .spawn(move || {
+            let _disk_released_on_exit = active;
             // Cancels `failed` however the writer ends, a panic included, so the reader never
             // waits on a writer that is gone.
             let _stop_reader = writer.failed.clone().drop_guard();
@@ -394,13 +397,22 @@ async fn stream_disk(
             )
         }
     };
-    let _ = thread; // detached if it missed the deadline; it still finishes its syncs
+    // A writer that missed the deadline runs on detached and still holds the disk, so no new
+    // session can start on it until it has finished.
+    let _ = thread;
     let result = read_result.and(write_result);
     if let Err(e) = &result {
         let _ = out_tx.send(Frame::error(e.code, e.message.clone())).await;
     }
     drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(2), sender).await;
+    let sender_abort = sender.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), sender)
+        .await
+        .is_err()
+    {
+        // A peer that stops reading must not keep a writer blocked on its ack channel.
+        sender_abort.abort();
+    }
     if result.is_err() {
         // The sender half-closed after the error frame; let the agent read it.
         let _ = tokio::time::timeout(LINGER_AFTER_ERROR, async {

@@ -146,6 +146,10 @@ pub struct Writer {
     pub stats: WriterStats,
     unsynced: u64,
     pending: Option<(u64, u64)>, // (seq, end) of the newest unsynced write
+    /// Set when an `fdatasync` or the durable point's write failed. Linux reports a writeback
+    /// error once and may drop the dirty pages, so a later sync that succeeds proves nothing:
+    /// nothing pending in this writer is ever acked after that.
+    sync_failed: bool,
 }
 
 impl Writer {
@@ -176,6 +180,7 @@ impl Writer {
             stats: WriterStats::default(),
             unsynced: 0,
             pending: None,
+            sync_failed: false,
         }
     }
 
@@ -191,8 +196,11 @@ impl Writer {
         let result = match result {
             Ok(()) => self.sync_and_ack(),
             Err(e) => {
-                // Earlier writes are good: make them durable and ack them before failing.
-                let _ = self.sync_and_ack();
+                // Earlier writes are good: make them durable and ack them before failing
+                // (unless syncing is what failed).
+                if !self.sync_failed {
+                    let _ = self.sync_and_ack();
+                }
                 self.failed.cancel();
                 // Release what is still queued (permits, buffers) without writing it.
                 rx.close();
@@ -307,21 +315,27 @@ impl Writer {
         let Some((seq, end)) = self.pending else {
             return Ok(());
         };
+        if self.sync_failed {
+            return Err(SessionError::storage(format!(
+                "disk {}: an earlier fdatasync failed; nothing more is acked",
+                self.disk.id
+            )));
+        }
         let t0 = Instant::now();
-        self.disk
-            .volume
-            .sync()
-            .map_err(|e| self.storage("fdatasync", 0, e))?;
+        if let Err(e) = self.disk.volume.sync() {
+            self.sync_failed = true;
+            return Err(self.storage("fdatasync", 0, e));
+        }
         let t1 = Instant::now();
         let point = DurablePoint {
             seq,
             resume_offset: end,
             checkpoint_seq: self.point.checkpoint_seq,
         };
-        self.disk
-            .state()
-            .store_point(point)
-            .map_err(|e| self.storage("persist durable point", 0, e))?;
+        if let Err(e) = self.disk.state().store_point(point) {
+            self.sync_failed = true;
+            return Err(self.storage("persist durable point", 0, e));
+        }
         tracing::debug!(disk = %self.disk.id, seq, bytes = self.unsynced,
             fdatasync_us = (t1 - t0).as_micros() as u64,
             persist_us = t1.elapsed().as_micros() as u64, "durable");
