@@ -13,11 +13,16 @@
 //! nothing. When every part is copied the snapshot file is fsynced and its metadata rewritten
 //! with state `completed`.
 //!
-//! A crash before completion leaves metadata in state `pending`; on the next start
-//! [`super::LocalBackend::recover`] marks it `failed` and removes the partial file.
+//! Crash safety: the part list is persisted (`S.parts`) before the snapshot is acknowledged,
+//! and a part counts as copied only once its copy is `fdatasync`ed and its index appended to a
+//! journal (`S.copied`) that is `fdatasync`ed too. The writer changes a part of the volume only
+//! after that, so after a crash every part missing from the journal still holds the
+//! checkpoint's content on the volume: [`SnapshotCopy::resume`] copies just those, and the
+//! snapshot completes as if nothing had happened.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -27,6 +32,9 @@ use crate::durable;
 
 /// Size of one copy unit: small enough that a write waiting on it stalls briefly.
 const PART: u64 = 1 << 20;
+
+/// Parts copied per `fdatasync` pair in the background copy (8 MiB).
+const BATCH: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
@@ -53,6 +61,10 @@ pub struct SnapshotCopy {
     src_direct: Option<File>,
     dst: File,
     dst_direct: Option<File>,
+    parts_path: PathBuf,
+    journal_path: PathBuf,
+    /// Append-only list of copied part indices (u32 LE), synced before a part counts as copied.
+    journal: Mutex<File>,
     pool: BufferPool,
     progress: Mutex<Progress>,
     changed: Condvar,
@@ -67,6 +79,11 @@ fn open_direct(p: &Path, write: bool) -> Option<File> {
         .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
         .open(p)
         .ok()
+}
+
+/// `S.parts` and `S.copied` beside snapshot image `S.img`.
+pub fn side_files(img: &Path) -> (PathBuf, PathBuf) {
+    (img.with_extension("parts"), img.with_extension("copied"))
 }
 
 /// Data extents of `f` below `size`, as 1 MiB-bounded parts.
@@ -97,8 +114,8 @@ fn data_parts(f: &File, size: u64) -> io::Result<Vec<(u64, usize)>> {
 }
 
 impl SnapshotCopy {
-    /// Fixes the point in time: records which parts of `src` hold data. `dst` must be an
-    /// empty file; it is sized to `size` here.
+    /// Fixes the point in time: records which parts of `src` hold data and persists that list
+    /// (`dst` + `.parts`) before returning. `dst` must be an empty file; it is sized here.
     pub fn begin(
         info: SnapshotInfo,
         meta_path: PathBuf,
@@ -107,21 +124,97 @@ impl SnapshotCopy {
         size: u64,
     ) -> io::Result<Self> {
         let src = File::open(src_path)?;
+        let starts = data_parts(&src, size)?;
+        let mut list = Vec::with_capacity(starts.len() * 12);
+        for (off, n) in &starts {
+            list.extend_from_slice(&off.to_le_bytes());
+            list.extend_from_slice(&(*n as u32).to_le_bytes());
+        }
+        let (parts_path, journal_path) = side_files(dst_path);
+        durable::atomic_write(&parts_path, &list, 0o600)?;
+        let _ = std::fs::remove_file(&journal_path);
         let dst = OpenOptions::new().write(true).open(dst_path)?;
         dst.set_len(size)?;
-        let starts = data_parts(&src, size)?;
+        dst.sync_all()?;
+        Self::assemble(info, meta_path, src_path, dst_path, starts, &[])
+    }
+
+    /// Picks up a copy that a crash interrupted: parts in the journal are done, every other
+    /// part is copied again from the volume (which still holds the checkpoint's content there).
+    pub fn resume(
+        info: SnapshotInfo,
+        meta_path: PathBuf,
+        src_path: &Path,
+        dst_path: &Path,
+    ) -> io::Result<Self> {
+        let (parts_path, journal_path) = side_files(dst_path);
+        let list = std::fs::read(&parts_path)?;
+        if list.len() % 12 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is damaged", parts_path.display()),
+            ));
+        }
+        let starts: Vec<(u64, usize)> = list
+            .chunks_exact(12)
+            .map(|c| {
+                let mut o = [0u8; 8];
+                o.copy_from_slice(&c[..8]);
+                let mut n = [0u8; 4];
+                n.copy_from_slice(&c[8..]);
+                (u64::from_le_bytes(o), u32::from_le_bytes(n) as usize)
+            })
+            .collect();
+        let journal = match std::fs::read(&journal_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        // A torn last record is ignored: its part was not yet counted as copied.
+        let done: Vec<usize> = journal
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+            .filter(|&i| i < starts.len())
+            .collect();
+        Self::assemble(info, meta_path, src_path, dst_path, starts, &done)
+    }
+
+    fn assemble(
+        info: SnapshotInfo,
+        meta_path: PathBuf,
+        src_path: &Path,
+        dst_path: &Path,
+        starts: Vec<(u64, usize)>,
+        done: &[usize],
+    ) -> io::Result<Self> {
+        let (parts_path, journal_path) = side_files(dst_path);
+        let journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&journal_path)?;
+        if let Some(dir) = journal_path.parent() {
+            durable::sync_dir(dir)?;
+        }
+        let mut parts = vec![Part::Pending; starts.len()];
+        for &i in done {
+            parts[i] = Part::Copied;
+        }
         Ok(SnapshotCopy {
             info,
             meta_path,
             progress: Mutex::new(Progress {
-                parts: vec![Part::Pending; starts.len()],
+                parts,
                 outcome: None,
             }),
             starts,
             src_direct: open_direct(src_path, false),
             dst_direct: open_direct(dst_path, true),
-            src,
-            dst,
+            src: File::open(src_path)?,
+            dst: OpenOptions::new().write(true).open(dst_path)?,
+            parts_path,
+            journal_path,
+            journal: Mutex::new(journal),
             pool: BufferPool::new(PART as usize, 4),
             changed: Condvar::new(),
             rate: 0,
@@ -148,44 +241,67 @@ impl SnapshotCopy {
         self.lock().outcome.is_some()
     }
 
-    /// Copies every not-yet-copied part overlapping `[offset, offset + len)` before the caller
-    /// overwrites it.
+    /// Copies every not-yet-copied part overlapping `[offset, offset + len)` durably before the
+    /// caller overwrites it.
     pub fn preserve(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.saturating_add(len);
         // first part whose end is past `offset`
         let first = self
             .starts
             .partition_point(|&(s, n)| s + n as u64 <= offset);
-        for i in first..self.starts.len() {
-            if self.starts[i].0 >= end {
-                break;
-            }
-            self.copy_part(i)?;
+        let last = self.starts.partition_point(|&(s, _)| s < end);
+        if first < last {
+            self.copy_parts(&(first..last).collect::<Vec<_>>())?;
         }
         Ok(())
     }
 
-    /// Copies part `i` unless done; waits if another thread is copying it.
-    fn copy_part(&self, i: usize) -> io::Result<()> {
+    /// Copies the given parts unless already copied, waiting for any another thread is
+    /// copying; the copies and the journal are synced before the parts count as copied.
+    fn copy_parts(&self, wanted: &[usize]) -> io::Result<()> {
+        let mut mine = Vec::new();
         let mut g = self.lock();
         loop {
-            match g.parts[i] {
-                Part::Copied => return Ok(()),
-                Part::Copying => {
-                    g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+            // claim what is pending; wait while someone else holds a part we need
+            for &i in wanted {
+                if g.parts[i] == Part::Pending {
+                    g.parts[i] = Part::Copying;
+                    mine.push(i);
                 }
-                Part::Pending => break,
             }
+            let busy = wanted
+                .iter()
+                .any(|&i| g.parts[i] == Part::Copying && !mine.contains(&i));
+            if !busy {
+                break;
+            }
+            g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        g.parts[i] = Part::Copying;
         drop(g);
-        let r = self.copy_range(self.starts[i].0, self.starts[i].1);
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let r = (|| {
+            for &i in &mine {
+                self.copy_range(self.starts[i].0, self.starts[i].1)?;
+            }
+            self.dst.sync_data()?;
+            let mut rec = Vec::with_capacity(mine.len() * 4);
+            for &i in &mine {
+                rec.extend_from_slice(&(i as u32).to_le_bytes());
+            }
+            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            (&*j).write_all(&rec)?;
+            j.sync_data()
+        })();
         let mut g = self.lock();
-        g.parts[i] = if r.is_ok() {
-            Part::Copied
-        } else {
-            Part::Pending
-        };
+        for &i in &mine {
+            g.parts[i] = if r.is_ok() {
+                Part::Copied
+            } else {
+                Part::Pending
+            };
+        }
         drop(g);
         self.changed.notify_all();
         r
@@ -214,9 +330,10 @@ impl SnapshotCopy {
         let result = (|| -> io::Result<SnapshotInfo> {
             let started = std::time::Instant::now();
             let mut copied = 0u64;
-            for i in 0..self.starts.len() {
-                self.copy_part(i)?;
-                copied += self.starts[i].1 as u64;
+            let all: Vec<usize> = (0..self.starts.len()).collect();
+            for batch in all.chunks(BATCH) {
+                self.copy_parts(batch)?;
+                copied += batch.iter().map(|&i| self.starts[i].1 as u64).sum::<u64>();
                 if self.rate > 0 {
                     // A plain thread: sleeping here delays only this copy.
                     let due = std::time::Duration::from_secs_f64(copied as f64 / self.rate as f64);
@@ -230,6 +347,8 @@ impl SnapshotCopy {
             info.state = SnapshotState::Completed;
             let json = serde_json::to_vec_pretty(&info).map_err(io::Error::other)?;
             durable::atomic_write(&self.meta_path, &json, 0o600)?;
+            let _ = std::fs::remove_file(&self.parts_path);
+            let _ = std::fs::remove_file(&self.journal_path);
             Ok(info)
         })()
         .map_err(|e| format!("snapshot {} copy failed: {e}", self.info.id));

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::cow::SnapshotCopy;
-use super::{BackendError, Snapshot, SnapshotInfo, SnapshotRequest, SnapshotState, Volume};
+use super::{
+    BackendError, Recovered, Snapshot, SnapshotInfo, SnapshotRequest, SnapshotState, Volume,
+};
 use crate::durable;
 
 /// Sparse files under a data directory.
@@ -148,35 +150,53 @@ impl LocalBackend {
         drop(out);
         info.method = "copy-before-write".into();
         info.state = SnapshotState::Pending;
+        // The part list becomes durable first, then the `pending` metadata that makes a restart
+        // resume the copy; only then is the checkpoint acknowledged.
         let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
-        durable::atomic_write(&meta, &json, 0o600).map_err(io("write", &meta))?;
-        let copy = SnapshotCopy::begin(info, meta, volume.path(), &img, volume.size())
+        let copy = SnapshotCopy::begin(info, meta.clone(), volume.path(), &img, volume.size())
             .map(|c| c.with_rate(self.copy_rate))
             .map_err(io("start copy to", &img))?;
-        let copy = Arc::new(copy);
-        let bg = copy.clone();
-        std::thread::Builder::new()
-            .name(format!("snap-{}", req.disk_id))
-            .spawn(move || {
-                let _ = bg.run();
-            })
-            .map_err(io("start copy thread for", &img))?;
-        Ok(Snapshot::Copying(copy))
+        durable::atomic_write(&meta, &json, 0o600).map_err(io("write", &meta))?;
+        self.start_copy(copy, &req.disk_id)
     }
 
-    /// Marks `pending` snapshots of `disk_id` (a crash interrupted their copy) as failed and
-    /// removes their partial content. Returns the snapshots it marked.
-    pub fn recover(&self, disk_id: &str) -> Result<Vec<SnapshotInfo>, BackendError> {
-        let mut marked = Vec::new();
+    /// Picks up snapshots of `disk_id` whose copy a stop interrupted: each resumes from its
+    /// journal in the background (returned, so that writes preserve through it), or, when its
+    /// part list never became durable (the checkpoint was not acknowledged), is marked failed.
+    pub fn recover(&self, disk_id: &str) -> Result<Recovered, BackendError> {
+        let mut out = Recovered::default();
         for mut info in self.list_snapshots(Some(disk_id))? {
             if info.state != SnapshotState::Pending {
                 continue;
             }
             let dir = self.snapshot_dir(disk_id);
             let meta = dir.join(format!("{}.json", info.id));
-            if let Some(p) = &info.path {
-                let _ = std::fs::remove_file(p);
+            let img = info
+                .path
+                .clone()
+                .unwrap_or_else(|| dir.join(format!("{}.img", info.id)));
+            let (parts, journal) = super::cow::side_files(&img);
+            if parts.exists() {
+                match SnapshotCopy::resume(
+                    info.clone(),
+                    meta.clone(),
+                    &self.volume_path(disk_id),
+                    &img,
+                ) {
+                    Ok(copy) => {
+                        tracing::warn!(disk = disk_id, snapshot = %info.id,
+                            "snapshot copy was interrupted by a stop: resuming it");
+                        out.resumed
+                            .push(self.start_copy(copy.with_rate(self.copy_rate), disk_id)?);
+                        continue;
+                    }
+                    Err(e) => tracing::error!(disk = disk_id, snapshot = %info.id, error = %e,
+                        "cannot resume the snapshot copy"),
+                }
             }
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(&parts);
+            let _ = std::fs::remove_file(&journal);
             info.state = SnapshotState::Failed;
             let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
             durable::atomic_write(&meta, &json, 0o600).map_err(|source| BackendError::Io {
@@ -186,10 +206,27 @@ impl LocalBackend {
                 source,
             })?;
             tracing::warn!(disk = disk_id, snapshot = %info.id,
-                "snapshot copy was interrupted by a restart: marked failed");
-            marked.push(info);
+                "snapshot was interrupted before it was acknowledged: marked failed");
+            out.failed.push(info);
         }
-        Ok(marked)
+        Ok(out)
+    }
+
+    fn start_copy(&self, copy: SnapshotCopy, disk_id: &str) -> Result<Snapshot, BackendError> {
+        let copy = Arc::new(copy);
+        let bg = copy.clone();
+        std::thread::Builder::new()
+            .name(format!("snap-{disk_id}"))
+            .spawn(move || {
+                let _ = bg.run();
+            })
+            .map_err(|source| BackendError::Io {
+                disk: disk_id.into(),
+                action: "start copy thread for",
+                path: copy.info().path.clone().unwrap_or_default(),
+                source,
+            })?;
+        Ok(Snapshot::Copying(copy))
     }
 
     /// Reads every snapshot's metadata, oldest first.
@@ -300,18 +337,62 @@ mod tests {
             checkpoint_seq: 1,
         };
         let done = b.begin_snapshot(&v, &req).unwrap().wait().unwrap();
-        // Pretend the process died mid-copy: metadata still says pending.
+        // Pretend the process died before the part list was durable (so before the checkpoint
+        // was acknowledged): metadata says pending, and there is no part list.
         let mut pending = done.clone();
         pending.state = SnapshotState::Pending;
         let meta = dir.path().join(format!("snapshots/d2/{}.json", done.id));
         std::fs::write(&meta, serde_json::to_vec(&pending).unwrap()).unwrap();
         let marked = b.recover("d2").unwrap();
-        assert_eq!(marked.len(), 1);
+        assert!(marked.resumed.is_empty());
+        assert_eq!(marked.failed.len(), 1);
         assert_eq!(
             b.list_snapshots(Some("d2")).unwrap()[0].state,
             SnapshotState::Failed
         );
         assert!(!done.path.unwrap().exists(), "partial content removed");
+    }
+
+    /// A stop in the middle of a copy: parts the writer preserved (journaled) keep their
+    /// preserved content, every other part is copied again from the volume on recovery.
+    #[test]
+    fn an_interrupted_copy_resumes_from_its_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32u64 << 20;
+        // So slow that the first copier stops after its first batch of 8 parts: the "crash".
+        let stalled = LocalBackend::new(dir.path().to_path_buf(), true).with_copy_rate(1);
+        let v = stalled.open_volume("d3", size).unwrap();
+        for i in 0..32u64 {
+            v.write_at(&vec![i as u8 + 1; 1 << 20], i << 20).unwrap();
+        }
+        v.sync().unwrap();
+        let before = std::fs::read(v.path()).unwrap();
+        let req = SnapshotRequest {
+            disk_id: "d3".into(),
+            label: "c".into(),
+            checkpoint_seq: 9,
+        };
+        let first = stalled.begin_snapshot(&v, &req).unwrap();
+        // The writer overwrites parts 20 and 3 after preserving them.
+        for part in [20u64, 3] {
+            first.preserve(part << 20, 4096).unwrap();
+            v.write_at(&vec![0xee; 4096], part << 20).unwrap();
+        }
+        v.sync().unwrap();
+        // A new process recovers the pending snapshot (the stalled copier never finishes).
+        let fresh = LocalBackend::new(dir.path().to_path_buf(), true);
+        let r = fresh.recover("d3").unwrap();
+        assert!(r.failed.is_empty());
+        assert_eq!(r.resumed.len(), 1);
+        let info = r.resumed[0].wait().unwrap();
+        assert_eq!(info.state, SnapshotState::Completed);
+        let snap = std::fs::read(info.path.as_ref().unwrap()).unwrap();
+        assert!(
+            snap == before,
+            "snapshot differs from the checkpoint's content"
+        );
+        let (parts, journal) = super::super::cow::side_files(info.path.as_ref().unwrap());
+        assert!(!parts.exists() && !journal.exists(), "side files removed");
     }
 
     #[test]
@@ -342,8 +423,9 @@ mod tests {
         assert_eq!(snap, before);
         let listed = b.list_snapshots(Some("d1")).unwrap();
         assert_eq!(listed, vec![s.clone()]);
+        let r = b.recover("d1").unwrap();
         assert!(
-            b.recover("d1").unwrap().is_empty(),
+            r.resumed.is_empty() && r.failed.is_empty(),
             "a completed snapshot stays"
         );
         assert_eq!(b.list_snapshots(None).unwrap().len(), 1);

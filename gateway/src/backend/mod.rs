@@ -62,6 +62,15 @@ impl SnapshotState {
     }
 }
 
+/// What [`Backend::recover`] found after a stop.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Copies resumed in the background; writes must preserve through them.
+    pub resumed: Vec<Snapshot>,
+    /// Snapshots that could not be completed (never acknowledged).
+    pub failed: Vec<SnapshotInfo>,
+}
+
 /// An initiated snapshot: its point in time is fixed; its content may still be on the way.
 #[derive(Debug, Clone)]
 pub enum Snapshot {
@@ -190,8 +199,8 @@ impl Backend {
         }
     }
 
-    /// Marks snapshots left incomplete by a crash as failed. Call before serving the disk.
-    pub async fn recover(&self, disk_id: &str) -> Result<Vec<SnapshotInfo>, BackendError> {
+    /// Resumes (or fails) snapshots a stop interrupted. Call before serving the disk.
+    pub async fn recover(&self, disk_id: &str) -> Result<Recovered, BackendError> {
         match self {
             Backend::Local(b) => {
                 let (b, id) = (b.clone(), disk_id.to_string());

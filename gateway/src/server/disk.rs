@@ -97,8 +97,8 @@ pub struct Disk {
     /// Held by the active session for its whole life, writer drain included.
     pub active: Arc<tokio::sync::Mutex<()>>,
     slot: Mutex<SessionSlot>,
-    /// A snapshot whose content is still being copied; writes preserve through it first.
-    in_flight: Mutex<Option<Snapshot>>,
+    /// Snapshots whose content is still being copied; writes preserve through each first.
+    in_flight: Mutex<Vec<Snapshot>>,
 }
 
 /// A claim on a disk by a session that may still be superseded.
@@ -118,22 +118,29 @@ impl Disk {
             state: Mutex::new(state),
             active: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(SessionSlot::default()),
-            in_flight: Mutex::new(None),
+            in_flight: Mutex::new(Vec::new()),
         }
     }
 
-    /// The snapshot still being filled, if any (dropped from here once it is done).
-    pub fn snapshot_in_flight(&self) -> Option<Snapshot> {
+    /// Snapshots still being filled (finished ones are dropped from the list here).
+    ///
+    /// Several may be in flight: a part changed between two checkpoints was preserved for the
+    /// older snapshot when it changed, so preserving the current content for every snapshot
+    /// that still lacks a part is right for all of them.
+    pub fn snapshots_in_flight(&self) -> Vec<Snapshot> {
         let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref().is_some_and(Snapshot::is_done) {
-            *g = None;
-        }
+        g.retain(|s| !s.is_done());
         g.clone()
     }
 
-    /// Records a newly initiated snapshot.
-    pub fn set_snapshot_in_flight(&self, s: Snapshot) {
-        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = (!s.is_done()).then_some(s);
+    /// Records a newly initiated (or resumed) snapshot.
+    pub fn add_snapshot_in_flight(&self, s: Snapshot) {
+        if !s.is_done() {
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        }
     }
 
     pub fn key(&self) -> &DiskKey {

@@ -156,21 +156,25 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
             dir: state_dir.display().to_string(),
             source,
         })?;
-        let failed = backend
+        let recovered = backend
             .recover(&dc.id)
             .await
             .map_err(|source| GatewayError::Backend {
                 disk: dc.id.clone(),
                 source,
             })?;
-        if !failed.is_empty() {
-            warn!(disk = %dc.id, count = failed.len(),
-                "snapshots interrupted by the last stop were marked failed");
+        if !recovered.failed.is_empty() {
+            warn!(disk = %dc.id, count = recovered.failed.len(),
+                "unacknowledged snapshots interrupted by the last stop were marked failed");
         }
         let p = state.point();
         info!(disk = %dc.id, size = dc.size_bytes, volume = %volume.path().display(),
             durable_seq = p.seq, checkpoint_seq = p.checkpoint_seq, "disk ready");
-        disks.insert(Disk::new(dc.id, dc.size_bytes, key, volume, state));
+        let disk = Disk::new(dc.id, dc.size_bytes, key, volume, state);
+        for s in recovered.resumed {
+            disk.add_snapshot_in_flight(s);
+        }
+        disks.insert(disk);
     }
     if disks.is_empty() {
         warn!("no disks configured: every agent will be refused with unknown_disk");
@@ -246,7 +250,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
     }
     // Let snapshot copies in flight finish; one cut short is marked failed on the next start.
     for disk in shared.disks.all() {
-        if let Some(s) = disk.snapshot_in_flight() {
+        for s in disk.snapshots_in_flight() {
             info!(disk = %disk.id, snapshot = %s.info().id, "waiting for snapshot copy");
             let wait = tokio::task::spawn_blocking(move || s.wait());
             if tokio::time::timeout(drain, wait).await.is_err() {

@@ -266,7 +266,7 @@ impl Writer {
     }
 
     fn apply(&mut self, v: Verified) -> Result<(), SessionError> {
-        if let Some(snap) = self.disk.snapshot_in_flight() {
+        for snap in self.disk.snapshots_in_flight() {
             let (offset, len) = match &v {
                 Verified::Bytes { offset, buf, .. } => (*offset, buf.as_slice().len() as u64),
                 Verified::Zero { offset, len, .. } => (*offset, *len),
@@ -408,10 +408,6 @@ impl Writer {
         let record = match existing {
             Some(r) => r,
             None => {
-                // One copy at a time: a checkpoint right after another waits for the first.
-                if let Some(prev) = self.disk.snapshot_in_flight() {
-                    let _ = prev.wait();
-                }
                 let req = SnapshotRequest {
                     disk_id: self.disk.id.clone(),
                     label: c.label.clone(),
@@ -422,7 +418,7 @@ impl Writer {
                     .block_on(self.backend.begin_snapshot(self.disk.volume.clone(), req))
                     .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?;
                 let snapshot = handle.info().clone();
-                self.disk.set_snapshot_in_flight(handle);
+                self.disk.add_snapshot_in_flight(handle);
                 let record = CheckpointRecord {
                     seq: c.seq,
                     label: c.label.clone(),
@@ -451,8 +447,9 @@ impl Writer {
             ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot initiated");
         let digest = if c.flags & CHECKPOINT_VERIFY != 0 {
             // The digest is of the content, so it waits for the copy to complete.
-            let done = match self.disk.snapshot_in_flight() {
-                Some(s) if s.info().id == record.snapshot.id => s
+            let in_flight = self.disk.snapshots_in_flight();
+            let done = match in_flight.iter().find(|s| s.info().id == record.snapshot.id) {
+                Some(s) => s
                     .wait()
                     .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?,
                 _ => record.snapshot.clone(),
