@@ -490,11 +490,16 @@ fn case_malformed(ctx: &Ctx, d: u64) -> Result<Outcome, String> {
     f.flags = 0x80;
     c.send(&Frame::Data(f))?;
     c.expect_error(ErrorCode::Malformed, W)?;
-    // a Data frame where the Hello belongs
+    // a (small) Data frame where the Hello belongs
+    let mut c = Client::connect(ctx.addr);
+    c.raw(&PREAMBLE)?;
+    c.send(&Frame::Data(data(1, 0, &block[..512])))?;
+    c.expect_error(ErrorCode::Malformed, W)?;
+    // before authentication no frame may be large: a full block is refused unread
     let mut c = Client::connect(ctx.addr);
     c.raw(&PREAMBLE)?;
     c.send(&Frame::Data(data(1, 0, &block)))?;
-    c.expect_error(ErrorCode::Malformed, W)?;
+    c.expect_error(ErrorCode::FrameTooLarge, W)?;
     Ok(Outcome::nothing())
 }
 

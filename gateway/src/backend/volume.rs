@@ -167,8 +167,12 @@ impl BufferPool {
         }
     }
 
-    /// A buffer of at least `len` bytes.
+    /// A buffer of at least `len` bytes. Small blocks get a buffer of their own size, so the
+    /// memory a connection holds stays close to the bytes its budget counts.
     pub fn get(&self, len: usize) -> AlignedBuf {
+        if len < self.block / 4 {
+            return AlignedBuf::with_capacity(len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN);
+        }
         if len <= self.block {
             if let Some(b) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
                 return b;
@@ -214,6 +218,11 @@ mod tests {
         assert!(data[8192..12288].iter().all(|&x| x == 0));
         assert_eq!(b.as_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
         pool.put(b);
-        assert_eq!(pool.get(100).capacity(), 8192);
+        assert_eq!(pool.get(8192).capacity(), 8192, "recycled");
+        assert_eq!(
+            pool.get(100).capacity(),
+            4096,
+            "small blocks get a small buffer"
+        );
     }
 }

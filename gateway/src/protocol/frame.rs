@@ -725,6 +725,12 @@ impl FrameCodec {
         }
     }
 
+    /// A codec for the handshake: no frame before authentication needs more than a few
+    /// hundred bytes, so an unauthenticated peer cannot make the gateway buffer megabytes.
+    pub fn handshake() -> Self {
+        FrameCodec { max_frame: 1024 }
+    }
+
     /// Largest frame (kind + body) this codec accepts.
     pub fn max_frame(&self) -> usize {
         self.max_frame

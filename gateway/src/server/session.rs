@@ -29,7 +29,7 @@ type Conn = Framed<TcpStream, FrameCodec>;
 /// Serves one connection to its end. Never panics on peer input; logs how it ended.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
-    let mut conn = Framed::new(stream, FrameCodec::new(shared.limits.max_block_bytes));
+    let mut conn = Framed::new(stream, FrameCodec::handshake());
     let outcome = match handshake(&mut conn, &shared).await {
         Ok((disk, version, proof)) => {
             stream_disk(conn, disk, version, proof, peer, &shared, started).await
@@ -227,6 +227,8 @@ async fn stream_disk(
     conn.send(Frame::Welcome(welcome))
         .await
         .map_err(|e| SessionError::peer(ErrorCode::TruncatedFrame, e.to_string()))?;
+    // Authenticated: from here on, frames up to a full data block.
+    *conn.codec_mut() = FrameCodec::new(shared.limits.max_block_bytes);
     info!(disk = %disk.id, %peer, version, durable_seq = point.seq, "agent authenticated");
 
     let (mut sink, mut source) = conn.split();

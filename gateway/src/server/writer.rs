@@ -394,13 +394,17 @@ impl Writer {
         // checkpoint's content (nothing after it is durable) and a new snapshot is taken.
         let existing = match existing {
             Some(r) => {
-                let listed = self
+                // When the listing itself fails, take a new snapshot rather than trust one
+                // whose state is unknown.
+                let failed = match self
                     .rt
                     .block_on(self.backend.list_snapshots(Some(&self.disk.id)))
-                    .unwrap_or_default();
-                let failed = listed
-                    .iter()
-                    .any(|s| s.id == r.snapshot.id && s.state == SnapshotState::Failed);
+                {
+                    Ok(listed) => listed
+                        .iter()
+                        .any(|s| s.id == r.snapshot.id && s.state == SnapshotState::Failed),
+                    Err(_) => true,
+                };
                 (!failed).then_some(r)
             }
             None => None,
