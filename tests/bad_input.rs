@@ -13,17 +13,16 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use common::raw::{Client, Recv};
 use common::*;
 use sync_gateway::protocol::auth::{self, DiskKey, Transcript};
 use sync_gateway::protocol::frame::{FLAG_LZ4, FLAG_ZERO};
-use sync_gateway::protocol::{Data, ErrorCode, Frame, FrameCodec, Hello, Welcome, PREAMBLE};
-use tokio_util::codec::{Decoder, Encoder};
+use sync_gateway::protocol::{Data, ErrorCode, Frame, Hello, Welcome, PREAMBLE};
 
 const DISK_A: &str = "disk-a";
 const DISK_B: &str = "disk-b";
@@ -32,87 +31,9 @@ const SIZE_B: u64 = 32 * MIB;
 const TIMEOUT_SECS: u64 = 2;
 
 // ---------------------------------------------------------------------------------------------
-// A synchronous raw client
-
-#[derive(Debug)]
-#[allow(dead_code)] // the payloads are read through Debug in failure messages
-enum Recv {
-    Frame(Frame),
-    Eof,
-    Timeout,
-    Io(std::io::Error),
-    Decode(String),
-}
-
-struct Client {
-    s: TcpStream,
-    buf: BytesMut,
-    codec: FrameCodec,
-}
+// Checks on top of the raw client (tests/common/raw.rs)
 
 impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        s.set_nodelay(true).unwrap();
-        Client {
-            s,
-            buf: BytesMut::new(),
-            codec: FrameCodec::default(),
-        }
-    }
-
-    fn raw(&mut self, b: &[u8]) -> Result<(), String> {
-        self.s.write_all(b).map_err(|e| format!("write: {e}"))
-    }
-
-    fn encode(f: &Frame) -> BytesMut {
-        let mut b = BytesMut::new();
-        FrameCodec::default().encode(f, &mut b).unwrap();
-        b
-    }
-
-    fn send(&mut self, f: &Frame) -> Result<(), String> {
-        let b = Self::encode(f);
-        self.raw(&b)
-    }
-
-    /// Next frame, EOF, or timeout after `within`.
-    fn recv(&mut self, within: Duration) -> Recv {
-        let end = Instant::now() + within;
-        loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Recv::Frame(f),
-                Ok(None) => {}
-                Err(e) => return Recv::Decode(e.to_string()),
-            }
-            let now = Instant::now();
-            if now >= end {
-                return Recv::Timeout;
-            }
-            self.s.set_read_timeout(Some(end - now)).unwrap();
-            let mut chunk = [0u8; 64 << 10];
-            match self.s.read(&mut chunk) {
-                Ok(0) => {
-                    return match self.codec.decode_eof(&mut self.buf) {
-                        Ok(Some(f)) => Recv::Frame(f),
-                        Ok(None) => Recv::Eof,
-                        Err(e) => Recv::Decode(e.to_string()),
-                    }
-                }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Recv::Timeout
-                }
-                Err(e) => return Recv::Io(e),
-            }
-        }
-    }
-
     /// Reads until an `Error` frame (skipping acks), checks its code, then checks that the
     /// gateway closes the connection. Returns the error message.
     fn expect_error(&mut self, want: ErrorCode, within: Duration) -> Result<String, String> {
@@ -393,7 +314,7 @@ fn case_truncated_frame(ctx: &Ctx, d: u64) -> Result<Outcome, String> {
     let block = random_block(d + 2000);
     let f = Client::encode(&Frame::Data(data(d + 1, 8 * BLOCK, &block)));
     c.raw(&f[..f.len() / 2])?;
-    c.s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    c.shutdown_write().map_err(|e| e.to_string())?;
     c.expect_error(ErrorCode::TruncatedFrame, W)?;
     Ok(Outcome::nothing())
 }

@@ -10,91 +10,22 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use common::raw::{Client, Recv};
 use common::*;
 use sync_gateway::protocol::auth::{self, DiskKey, Transcript};
 use sync_gateway::protocol::frame::CHECKPOINT_VERIFY;
-use sync_gateway::protocol::{Checkpoint, Data, Frame, FrameCodec, Hello, Welcome, PREAMBLE};
-use tokio_util::codec::{Decoder, Encoder};
+use sync_gateway::protocol::{Checkpoint, Data, Frame, Hello, Welcome, PREAMBLE};
 
 // ---------------------------------------------------------------------------------------------
-// A synchronous raw client
-
-#[derive(Debug)]
-#[allow(dead_code)]
-enum Recv {
-    Frame(Frame),
-    Eof,
-    Timeout,
-    Io(std::io::Error),
-    Decode(String),
-}
-
-struct Client {
-    s: TcpStream,
-    buf: BytesMut,
-    codec: FrameCodec,
-}
+// Checks on top of the raw client (tests/common/raw.rs)
 
 impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-        s.set_nodelay(true).unwrap();
-        Client {
-            s,
-            buf: BytesMut::new(),
-            codec: FrameCodec::default(),
-        }
-    }
-
-    fn send(&mut self, f: &Frame) {
-        let mut b = BytesMut::new();
-        FrameCodec::default().encode(f, &mut b).unwrap();
-        self.s.write_all(&b).expect("send frame");
-    }
-
-    fn recv(&mut self, within: Duration) -> Recv {
-        let end = Instant::now() + within;
-        loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Recv::Frame(f),
-                Ok(None) => {}
-                Err(e) => return Recv::Decode(e.to_string()),
-            }
-            let now = Instant::now();
-            if now >= end {
-                return Recv::Timeout;
-            }
-            self.s.set_read_timeout(Some(end - now)).unwrap();
-            let mut chunk = [0u8; 64 << 10];
-            match self.s.read(&mut chunk) {
-                Ok(0) => {
-                    return match self.codec.decode_eof(&mut self.buf) {
-                        Ok(Some(f)) => Recv::Frame(f),
-                        Ok(None) => Recv::Eof,
-                        Err(e) => Recv::Decode(e.to_string()),
-                    }
-                }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Recv::Timeout
-                }
-                Err(e) => return Recv::Io(e),
-            }
-        }
-    }
-
     /// Waits for an `Ack` covering `seq` (skipping other acks).
     fn expect_ack(&mut self, seq: u64, within: Duration) {
         let end = Instant::now() + within;
@@ -131,8 +62,8 @@ fn session(
     within: Duration,
 ) -> (Client, Welcome) {
     let mut c = Client::connect(addr);
-    c.s.write_all(&PREAMBLE).unwrap();
-    c.send(&Frame::Hello(Hello {
+    c.raw(&PREAMBLE).unwrap();
+    c.put(&Frame::Hello(Hello {
         min_version: 1,
         max_version: 1,
         disk_size: size,
@@ -155,7 +86,7 @@ fn session(
         disk_id: id,
     };
     let mac = auth::agent_mac(key, &t);
-    c.send(&Frame::Auth { client_nonce, mac });
+    c.put(&Frame::Auth { client_nonce, mac });
     match c.recv(within) {
         Recv::Frame(Frame::Welcome(w)) => (c, w),
         other => panic!("expected Welcome, got {other:?}"),
@@ -278,12 +209,12 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
     let (mut a, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(10));
     assert_eq!(w.durable_seq, 0);
     for i in 0..8u64 {
-        a.send(&data(i + 1, i * MIB, &random(MIB as usize, i)));
+        a.put(&data(i + 1, i * MIB, &random(MIB as usize, i)));
     }
     a.expect_ack(8, Duration::from_secs(10));
-    a.send(&checkpoint(9, CHECKPOINT_VERIFY, "c1"));
+    a.put(&checkpoint(9, CHECKPOINT_VERIFY, "c1"));
     let target = 20 * MIB;
-    a.send(&data(10, target, &[0xAA; 4096]));
+    a.put(&data(10, target, &[0xAA; 4096]));
     wait_until(
         "the checkpoint's snapshot to be initiated",
         Duration::from_secs(5),
@@ -295,8 +226,8 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
     let (mut b, w) = session_retrying(gw.addr, DISK, size, &key, Duration::from_secs(15));
     assert!(w.durable_seq >= 9, "B resumes after the checkpoint: {w:?}");
     let last = w.durable_seq + 2;
-    b.send(&data(w.durable_seq + 1, target, &[0xBB; 4096]));
-    b.send(&data(last, target, &[0xCC; 4096]));
+    b.put(&data(w.durable_seq + 1, target, &[0xBB; 4096]));
+    b.put(&data(last, target, &[0xCC; 4096]));
     b.expect_ack(last, Duration::from_secs(10));
     assert_eq!(
         read_at(&gw.volume(DISK), target, 4096),
@@ -350,13 +281,13 @@ fn an_acked_snapshot_survives_a_crash_during_its_copy() {
 
     let (mut a, _) = session(gw.addr, DISK, size, &key, Duration::from_secs(10));
     for i in 0..4u64 {
-        a.send(&data(i + 1, i * MIB, &random(MIB as usize, 100 + i)));
+        a.put(&data(i + 1, i * MIB, &random(MIB as usize, 100 + i)));
     }
     a.expect_ack(4, Duration::from_secs(10));
-    a.send(&checkpoint(5, 0, "full-1"));
+    a.put(&checkpoint(5, 0, "full-1"));
     let snap = a.expect_checkpoint_ack(5, Duration::from_secs(10));
     // continuous replication goes on after the checkpoint
-    a.send(&data(6, 0, &[0x55; 4096]));
+    a.put(&data(6, 0, &[0x55; 4096]));
     a.expect_ack(6, Duration::from_secs(10));
     assert!(
         snapshot_states(&t.data_dir(), DISK)
@@ -477,11 +408,11 @@ fn a_failed_fdatasync_is_never_acked() {
     let addr = addr.unwrap();
 
     let (mut c, _) = session(addr, DISK, size, &key, Duration::from_secs(10));
-    c.send(&data(1, 0, &random(4096, 1)));
+    c.put(&data(1, 0, &random(4096, 1)));
     c.expect_ack(1, Duration::from_secs(10));
     // The next fdatasync of the volume fails with EIO.
     std::fs::write(t.data_dir().join("FAIL_FDATASYNC"), b"").unwrap();
-    c.send(&data(2, 4096, &random(4096, 2)));
+    c.put(&data(2, 4096, &random(4096, 2)));
     let got = loop {
         match c.recv(Duration::from_secs(10)) {
             Recv::Frame(Frame::Ack { durable_seq }) if durable_seq < 2 => continue,
