@@ -15,7 +15,8 @@
 //!         | length: u32    | kind:u8 | body: length-1 bytes      |
 //!         +----------------+---------+---------------------------+
 //!           length counts kind + body; a receiver rejects length 0 or
-//!           length > 1 + DATA_HEADER_LEN + its payload cap before buffering.
+//!           length > 1 + DATA_HEADER_LEN + its payload cap before buffering
+//!           (the gateway allows at most 1 KiB per frame until the agent has authenticated).
 //! ```
 //!
 //! | kind | frame | direction | body |
