@@ -37,6 +37,9 @@ pub struct Config {
     /// Log output.
     #[serde(default)]
     pub log: LogConfig,
+    /// Prometheus metrics port. Absent (the default): no metrics port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     /// Disks served in standalone mode (no control plane).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -110,6 +113,18 @@ impl Default for Limits {
     }
 }
 
+/// The metrics port: `GET /metrics` in the Prometheus text format, nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Loopback address of the metrics port (`127.0.0.1:9500`). Only loopback is accepted: the
+    /// gateway takes no inbound connections but agents', and metrics stay on the appliance for
+    /// a local collector. Port 0 picks a free port; the bound address is written to
+    /// `DATA_DIR/metrics.addr`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
 /// Log output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -151,6 +166,10 @@ pub struct DiskConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 1500))
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9500))
 }
 
 fn default_data_dir() -> PathBuf {
@@ -244,6 +263,16 @@ impl Config {
         }
         if l.sync_bytes == 0 {
             return bad("limits.sync_bytes must be positive".into());
+        }
+        if let Some(m) = &self.metrics {
+            if !m.listen.ip().is_loopback() {
+                return bad(format!(
+                    "metrics.listen {} is not a loopback address: the gateway accepts no inbound \
+                     connections but agents' on the data port, so metrics stay on the appliance \
+                     (use 127.0.0.1 or [::1] and let a local collector forward them)",
+                    m.listen
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for d in &self.disks {
@@ -401,6 +430,33 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
         let env = vec![("SYNC_GATEWAY_LIMITS__NOPE".to_string(), "1".to_string())];
         let e = Config::from_toml(ISSUE_EXAMPLE, "t", env).unwrap_err();
         assert!(e.to_string().contains("SYNC_GATEWAY_LIMITS__NOPE"), "{e}");
+    }
+
+    #[test]
+    fn metrics_port_is_optional_and_loopback_only() {
+        let c = Config::from_toml(ISSUE_EXAMPLE, "t", no_env()).unwrap();
+        assert!(c.metrics.is_none());
+        assert!(!c.to_toml().contains("metrics"));
+        let text = format!("{ISSUE_EXAMPLE}\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        let c = Config::from_toml(&text, "t", no_env()).unwrap();
+        assert_eq!(c.metrics.as_ref().unwrap().listen.port(), 0);
+        Config::from_toml(&c.to_toml(), "rendered", no_env()).unwrap();
+        let c = Config::from_toml("[metrics]\n", "t", no_env()).unwrap();
+        assert_eq!(c.metrics.unwrap().listen.to_string(), "127.0.0.1:9500");
+        let c = Config::from_toml("[metrics]\nlisten = \"[::1]:9500\"", "t", no_env()).unwrap();
+        assert!(c.metrics.unwrap().listen.is_ipv6());
+        for addr in ["0.0.0.0:9500", "10.0.0.5:9500", "[::]:9500"] {
+            let text = format!("[metrics]\nlisten = \"{addr}\"");
+            let e = Config::from_toml(&text, "t", no_env()).unwrap_err();
+            assert!(e.to_string().contains("not a loopback address"), "{e}");
+        }
+        let e = Config::from_toml("[metrics]\nport = 1", "t", no_env()).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
+        let env = vec![(
+            "SYNC_GATEWAY_METRICS__LISTEN".to_string(),
+            "0.0.0.0:9500".to_string(),
+        )];
+        assert!(Config::from_toml(ISSUE_EXAMPLE, "t", env).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`backend`]: volumes and snapshots (`local` today; cloud backends implement the same).
 //! - [`config`]: the one config struct.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
+//! - [`retention`]: which snapshots a tiered retention policy keeps.
 //! - [`agent`]: the reference agent that scans a source and streams its changes.
 
 pub mod agent;
@@ -13,4 +14,5 @@ pub mod backend;
 pub mod config;
 pub mod durable;
 pub mod protocol;
+pub mod retention;
 pub mod server;

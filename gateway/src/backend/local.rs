@@ -288,6 +288,68 @@ impl LocalBackend {
         Ok(out)
     }
 
+    /// Deletes snapshot `info.id` of `info.disk_id`: the image and the copy's side files first,
+    /// the metadata last (so a crash in between leaves a listed snapshot to delete again, never
+    /// an unlisted image), then makes the removals durable. Paths are derived from the ids, not
+    /// from `info.path`, so corrupt metadata cannot point the deletion elsewhere. Refuses a
+    /// snapshot that is `pending` either in `info` or on disk; one already gone is `Ok`.
+    pub fn delete_snapshot(&self, info: &SnapshotInfo) -> Result<(), BackendError> {
+        let plain = |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\0']);
+        if !plain(&info.disk_id) || !plain(&info.id) {
+            return Err(BackendError::InvalidSnapshotId {
+                disk: info.disk_id.clone(),
+                snapshot: info.id.clone(),
+            });
+        }
+        let pending = || BackendError::SnapshotPending {
+            disk: info.disk_id.clone(),
+            snapshot: info.id.clone(),
+        };
+        if info.state == SnapshotState::Pending {
+            return Err(pending());
+        }
+        let io = |action: &'static str, path: &Path| {
+            let (disk, path) = (info.disk_id.clone(), path.to_path_buf());
+            move |source| BackendError::Io {
+                disk,
+                action,
+                path,
+                source,
+            }
+        };
+        let dir = self.snapshot_dir(&info.disk_id);
+        let meta = dir.join(format!("{}.json", info.id));
+        // The caller's copy may be stale: a copy may have (re)started since it was listed.
+        match std::fs::read(&meta) {
+            Ok(text) => {
+                let on_disk: SnapshotInfo =
+                    serde_json::from_slice(&text).map_err(|e| BackendError::Metadata {
+                        path: meta.clone(),
+                        message: e.to_string(),
+                    })?;
+                if on_disk.state == SnapshotState::Pending {
+                    return Err(pending());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("read", &meta)(e)),
+        }
+        let img = dir.join(format!("{}.img", info.id));
+        let (parts, copied) = super::cow::side_files(&img);
+        for path in [&img, &parts, &copied, &meta] {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", path)(e)),
+            }
+        }
+        match durable::sync_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("sync", &dir)(e)),
+        }
+    }
+
     /// SHA-256 of a snapshot file's whole content.
     pub fn snapshot_digest(&self, snap: &SnapshotInfo) -> Result<[u8; 32], BackendError> {
         let path = snap.path.clone().unwrap_or_else(|| {

@@ -144,6 +144,12 @@ pub enum BackendError {
     },
     #[error("bad snapshot metadata {path}: {message}")]
     Metadata { path: PathBuf, message: String },
+    /// Deleting a snapshot whose content is still being copied would break its checkpoint.
+    #[error("disk {disk}: snapshot {snapshot} is still pending; refusing to delete it")]
+    SnapshotPending { disk: String, snapshot: String },
+    /// A disk or snapshot id that is not a single plain path component.
+    #[error("disk {disk}: snapshot id {snapshot:?} is not a valid name")]
+    InvalidSnapshotId { disk: String, snapshot: String },
 }
 
 impl BackendError {
@@ -218,6 +224,17 @@ impl Backend {
             Backend::Local(b) => {
                 let (b, id) = (b.clone(), disk_id.map(str::to_string));
                 blocking(move || b.list_snapshots(id.as_deref())).await
+            }
+        }
+    }
+
+    /// Deletes a completed or failed snapshot (content first, metadata last). A snapshot that
+    /// is already gone is not an error; a `pending` one is refused.
+    pub async fn delete_snapshot(&self, info: &SnapshotInfo) -> Result<(), BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, s) = (b.clone(), info.clone());
+                blocking(move || b.delete_snapshot(&s)).await
             }
         }
     }

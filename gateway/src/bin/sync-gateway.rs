@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve agents on the data port until SIGTERM or SIGINT.
+    /// Serve agents on the data port (and metrics on a loopback port, when configured) until
+    /// SIGTERM or SIGINT.
     Run {
         /// TOML config file (see README: "Configuration").
         #[arg(long, short)]

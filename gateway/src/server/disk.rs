@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -11,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Snapshot, SnapshotInfo, Volume};
 use crate::durable::{self, DurablePoint, SeqRecord};
 use crate::protocol::auth::DiskKey;
+use crate::protocol::ErrorCode;
 
 /// The last completed checkpoint of a disk, persisted next to its durable point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +83,110 @@ impl DiskState {
     }
 }
 
+/// Counts of [`ErrorCode`]s, one relaxed atomic per wire number. Codes beyond the table (from a
+/// newer peer) share slot 0, which no code uses on the wire.
+#[derive(Debug, Default)]
+pub struct ErrorCounts([AtomicU64; ErrorCounts::SLOTS]);
+
+impl ErrorCounts {
+    const SLOTS: usize = 32;
+
+    pub fn record(&self, code: ErrorCode) {
+        let i = usize::from(code.as_u16());
+        let i = if i < Self::SLOTS { i } else { 0 };
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(code name, count)` for every code seen at least once, in wire-number order. Codes this
+    /// build does not know are all `unknown_error`.
+    pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
+        let mut out: Vec<(&'static str, u64)> = Vec::new();
+        for (i, c) in self.0.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let name = ErrorCode::from_u16(i as u16).name();
+            match out.iter_mut().find(|(k, _)| *k == name) {
+                Some((_, total)) => *total += n,
+                None => out.push((name, n)),
+            }
+        }
+        out
+    }
+}
+
+/// Live counters of one disk for the metrics port. Writers update them with relaxed atomics
+/// (a few nanoseconds on the data path); readers never take a lock the data path holds.
+/// Counters start at zero with each gateway process; the gauges start from the persisted state.
+#[derive(Debug, Default)]
+pub struct DiskStats {
+    /// Payload bytes of data frames as received (compressed when the agent compressed).
+    pub bytes_received: AtomicU64,
+    /// Bytes of data blocks written to the volume.
+    pub bytes_written: AtomicU64,
+    /// Bytes of zero runs applied to the volume (hole punching).
+    pub bytes_zeroed: AtomicU64,
+    /// Frames received from authenticated agents.
+    pub frames: AtomicU64,
+    /// `fdatasync`s that made data durable and were acked.
+    pub syncs: AtomicU64,
+    /// Checkpoints completed (snapshot initiated and acked).
+    pub checkpoints: AtomicU64,
+    /// Delta-resync hash queries answered.
+    pub hash_queries: AtomicU64,
+    /// Sessions that ended with an error, by code.
+    pub errors: ErrorCounts,
+    /// Sessions that authenticated.
+    pub sessions: AtomicU64,
+    /// Authenticated sessions open right now (a superseded one may briefly overlap its successor).
+    pub open_sessions: AtomicU64,
+    /// Newest durable sequence number.
+    pub durable_seq: AtomicU64,
+    /// Sequence number of the last completed checkpoint (0: none).
+    pub checkpoint_seq: AtomicU64,
+    /// Wall-clock time of the last ack or checkpoint ack, Unix milliseconds (0: none yet).
+    pub last_ack_unix_ms: AtomicU64,
+}
+
+impl DiskStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records a newly durable point and the time of its ack.
+    pub fn acked(&self, durable_seq: u64) {
+        self.durable_seq.fetch_max(durable_seq, Ordering::Relaxed);
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last_ack_unix_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks an authenticated session open until the returned guard drops (panics included).
+    pub fn session_opened(self: &Arc<Self>) -> OpenSession {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.open_sessions.fetch_add(1, Ordering::Relaxed);
+        OpenSession(self.clone())
+    }
+
+    /// Whether an agent is connected and authenticated.
+    pub fn connected(&self) -> bool {
+        self.open_sessions.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// An open authenticated session, counted in [`DiskStats::open_sessions`] while it lives.
+#[derive(Debug)]
+pub struct OpenSession(Arc<DiskStats>);
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Default)]
 struct SessionSlot {
     latest: u64,
@@ -99,6 +206,8 @@ pub struct Disk {
     slot: Mutex<SessionSlot>,
     /// Snapshots whose content is still being copied; writes preserve through each first.
     in_flight: Mutex<Vec<Snapshot>>,
+    /// Counters for the metrics port.
+    pub stats: Arc<DiskStats>,
 }
 
 /// A claim on a disk by a session that may still be superseded.
@@ -110,6 +219,14 @@ pub struct SessionClaim {
 
 impl Disk {
     pub fn new(id: String, size: u64, key: DiskKey, volume: Volume, state: DiskState) -> Self {
+        let stats = DiskStats::default();
+        stats
+            .durable_seq
+            .store(state.point().seq, Ordering::Relaxed);
+        stats.checkpoint_seq.store(
+            state.checkpoint().map(|c| c.seq).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         Disk {
             id,
             size,
@@ -119,6 +236,7 @@ impl Disk {
             active: Arc::new(tokio::sync::Mutex::new(())),
             slot: Mutex::new(SessionSlot::default()),
             in_flight: Mutex::new(Vec::new()),
+            stats: Arc::new(stats),
         }
     }
 

@@ -7,13 +7,16 @@
 //!
 //! Shutdown: one [`CancellationToken`]. The accept loop stops, every session stops reading,
 //! drains its writer (everything received becomes durable and is acked) and closes; `run`
-//! waits for that up to `limits.drain_timeout_secs`.
+//! waits for that up to `limits.drain_timeout_secs`. The metrics port (when configured) stops
+//! on the same token.
 
 pub mod disk;
+pub mod metrics;
 pub mod session;
 pub mod writer;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +31,7 @@ use crate::config::{Config, ConfigError, Limits};
 use crate::durable;
 use crate::protocol::ErrorCode;
 use disk::{Disk, DiskRegistry, DiskState};
+use metrics::GatewayStats;
 
 /// Why a session ended badly: the code sent to the agent and a message for both sides.
 #[derive(Debug, Clone)]
@@ -57,13 +61,15 @@ impl SessionError {
 /// What every session shares.
 #[derive(Debug)]
 pub struct Shared {
-    pub disks: DiskRegistry,
+    pub disks: Arc<DiskRegistry>,
     pub backend: Arc<Backend>,
     pub limits: Limits,
     /// Gateway-wide budget of in-flight bytes.
     pub budget: Arc<Semaphore>,
     pub pool: Arc<BufferPool>,
     pub cancel: CancellationToken,
+    /// Gateway-wide counters for the metrics port.
+    pub stats: Arc<GatewayStats>,
 }
 
 /// Why the gateway could not start or run.
@@ -141,7 +147,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
     })?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let backend = Arc::new(Backend::from_config(&config));
-    let disks = DiskRegistry::default();
+    let disks = Arc::new(DiskRegistry::default());
     let state_dir = config.data_dir.join("state");
     for (dc, key) in config.load_keys()? {
         let volume = backend
@@ -189,6 +195,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
         addr: config.listen,
         source,
     })?;
+    // Bound before listen.addr is written, so that file's appearance means every port is up.
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(bind_metrics(m.listen, &config.data_dir).await?),
+        None => {
+            // A stale address from an earlier run with a metrics port would point at nothing.
+            let _ = std::fs::remove_file(config.data_dir.join(METRICS_ADDR_FILE));
+            None
+        }
+    };
     let addr_file = config.data_dir.join("listen.addr");
     durable::atomic_write(&addr_file, format!("{local}\n").as_bytes(), 0o644).map_err(
         |source| GatewayError::Write {
@@ -208,6 +223,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
         )),
         limits,
         cancel: cancel.clone(),
+        stats: Arc::new(GatewayStats::default()),
+    });
+    let metrics_task = metrics_listener.map(|listener| {
+        let sources = metrics::Sources {
+            gateway: shared.stats.clone(),
+            disks: shared.disks.clone(),
+        };
+        tokio::spawn(metrics::serve(listener, sources, cancel.clone()))
     });
     info!(addr = %local, disks = shared.disks.len(), version = env!("CARGO_PKG_VERSION"),
         "sync-gateway listening");
@@ -234,6 +257,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
                 }
             },
         };
+        shared
+            .stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tracker.spawn(async move {
@@ -258,6 +285,31 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
             }
         }
     }
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     info!("sync-gateway stopped");
     Ok(())
+}
+
+/// Where the bound metrics address is written, under the data dir.
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+
+/// Binds the metrics port and writes its address to `DATA_DIR/metrics.addr`.
+async fn bind_metrics(
+    addr: SocketAddr,
+    data_dir: &std::path::Path,
+) -> Result<TcpListener, GatewayError> {
+    let bind_err = |source| GatewayError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let addr_file = data_dir.join(METRICS_ADDR_FILE);
+    durable::atomic_write(&addr_file, format!("{local}\n").as_bytes(), 0o644).map_err(
+        |source| GatewayError::Write {
+            path: addr_file.display().to_string(),
+            source,
+        },
+    )?;
+    info!(addr = %local, "metrics port listening (GET /metrics)");
+    Ok(listener)
 }

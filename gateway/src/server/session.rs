@@ -18,7 +18,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::disk::Disk;
+use super::disk::{Disk, DiskStats};
 use super::writer::{verify, Writer, WriterCmd};
 use super::{SessionError, Shared};
 use crate::protocol::auth::{self, Transcript};
@@ -30,18 +30,21 @@ type Conn = Framed<TcpStream, FrameCodec>;
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     let mut conn = Framed::new(stream, FrameCodec::handshake());
-    let outcome = match handshake(&mut conn, &shared).await {
-        Ok((disk, version, proof)) => {
-            stream_disk(conn, disk, version, proof, peer, &shared, started).await
-        }
+    let (disk, outcome) = match handshake(&mut conn, &shared).await {
+        Ok((disk, version, proof)) => (
+            disk.clone(),
+            stream_disk(conn, disk, version, proof, peer, &shared, started).await,
+        ),
         Err(e) => {
             warn!(%peer, code = %e.code, error = %e.message, "handshake refused");
+            shared.stats.handshakes_refused.record(e.code);
             send_error(&mut conn, &e).await;
             return;
         }
     };
     if let Err(e) = outcome {
         warn!(%peer, code = %e.code, error = %e.message, "session failed");
+        disk.stats.errors.record(e.code);
     }
 }
 
@@ -229,6 +232,7 @@ async fn stream_disk(
         .map_err(|e| SessionError::peer(ErrorCode::TruncatedFrame, e.to_string()))?;
     // Authenticated: from here on, frames up to a full data block.
     *conn.codec_mut() = FrameCodec::new(shared.limits.max_block_bytes);
+    let _open = disk.stats.session_opened();
     info!(disk = %disk.id, %peer, version, durable_seq = point.seq, "agent authenticated");
 
     let (mut sink, mut source) = conn.split();
@@ -294,6 +298,7 @@ async fn stream_disk(
             },
         };
         frames += 1;
+        DiskStats::add(&disk.stats.frames, 1);
         match frame {
             Frame::Data(d) => {
                 if d.seq <= last_seq {
@@ -322,6 +327,7 @@ async fn stream_disk(
                 }
                 last_seq = d.seq;
                 bytes_in += d.payload.len() as u64;
+                DiskStats::add(&disk.stats.bytes_received, d.payload.len() as u64);
                 // Weigh the block by what it will occupy once decompressed.
                 let weight = if d.is_zero() { 1 } else { d.length.max(1) };
                 let permits = tokio::select! {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::disk::{CheckpointRecord, Disk};
+use super::disk::{CheckpointRecord, Disk, DiskStats};
 use super::SessionError;
 use crate::backend::{AlignedBuf, Backend, BufferPool, SnapshotRequest, SnapshotState};
 use crate::durable::DurablePoint;
@@ -288,6 +288,7 @@ impl Writer {
                 r.map_err(|e| self.storage("write", offset, e))?;
                 self.unsynced += len;
                 self.stats.bytes_written += len;
+                DiskStats::add(&self.disk.stats.bytes_written, len);
                 self.pending = Some((seq, offset + len));
             }
             Verified::Zero { seq, offset, len } => {
@@ -297,6 +298,7 @@ impl Writer {
                 // Hole punching is metadata: count it lightly towards the sync batch.
                 self.unsynced += 4096;
                 self.stats.bytes_zeroed += len;
+                DiskStats::add(&self.disk.stats.bytes_zeroed, len);
                 self.pending = Some((seq, offset + len));
             }
         }
@@ -343,6 +345,8 @@ impl Writer {
         self.pending = None;
         self.unsynced = 0;
         self.stats.syncs += 1;
+        DiskStats::add(&self.disk.stats.syncs, 1);
+        self.disk.stats.acked(seq);
         // The socket may be gone; the point is durable either way and will be in the next
         // Welcome.
         let _ = self
@@ -371,6 +375,7 @@ impl Writer {
             differs.push(got != *want);
         }
         self.stats.hash_queries += 1;
+        DiskStats::add(&self.disk.stats.hash_queries, 1);
         let _ = self.rt.block_on(self.out.send(Frame::HashReply(HashReply {
             offset: q.offset,
             block_size: q.block_size,
@@ -446,6 +451,12 @@ impl Writer {
             .map_err(|e| self.storage("persist durable point", 0, e))?;
         self.point = point;
         self.stats.checkpoints += 1;
+        DiskStats::add(&self.disk.stats.checkpoints, 1);
+        self.disk
+            .stats
+            .checkpoint_seq
+            .store(c.seq, std::sync::atomic::Ordering::Relaxed);
+        self.disk.stats.acked(c.seq);
         tracing::info!(disk = %self.disk.id, seq = c.seq, label = %c.label,
             snapshot = %record.snapshot.id, method = %record.snapshot.method,
             ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot initiated");
