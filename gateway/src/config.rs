@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{self, auth::DiskKey, MAX_BLOCK_LEN};
+use crate::retention::RetentionPolicy;
 
 /// Environment prefix for overrides.
 pub const ENV_PREFIX: &str = "SYNC_GATEWAY_";
@@ -37,6 +38,12 @@ pub struct Config {
     /// Log output.
     #[serde(default)]
     pub log: LogConfig,
+    /// Snapshot retention tiers, e.g. `[[retention.tiers]] every_secs = 600, keep_secs = 3600`.
+    /// Absent (the default in standalone mode): every snapshot is kept. When set, old
+    /// snapshots are pruned after each checkpoint and every minute; the newest completed
+    /// snapshot is always kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
     /// Prometheus metrics port. Absent (the default): no metrics port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
@@ -273,6 +280,10 @@ impl Config {
                     m.listen
                 ));
             }
+        }
+        if let Some(r) = &self.retention {
+            r.validate()
+                .map_err(|e| ConfigError::Invalid(format!("retention: {e}")))?;
         }
         let mut seen = std::collections::HashSet::new();
         for d in &self.disks {

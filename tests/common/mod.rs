@@ -162,6 +162,8 @@ pub struct GatewayConfig {
     /// `(key, raw TOML value)` lines of `[backend]` after `kind`.
     pub backend: Vec<(String, String)>,
     pub disks: Vec<DiskSpec>,
+    /// Raw TOML appended at the end (further tables).
+    pub extra: String,
 }
 
 impl GatewayConfig {
@@ -172,7 +174,15 @@ impl GatewayConfig {
             limits: Vec::new(),
             backend: Vec::new(),
             disks: Vec::new(),
+            extra: String::new(),
         }
+    }
+
+    /// Appends raw TOML (whole tables) to the end of the file.
+    pub fn extra_toml(mut self, text: &str) -> Self {
+        self.extra.push_str(text);
+        self.extra.push('\n');
+        self
     }
 
     /// Adds `key = value` to the `[backend]` table.
@@ -219,6 +229,7 @@ impl GatewayConfig {
                 q(&d.key_file)
             );
         }
+        s.push_str(&self.extra);
         s
     }
 

@@ -70,6 +70,27 @@ pub struct Shared {
     pub cancel: CancellationToken,
     /// Gateway-wide counters for the metrics port.
     pub stats: Arc<GatewayStats>,
+    /// Snapshot retention, when configured.
+    pub retention: Option<crate::retention::RetentionPolicy>,
+}
+
+/// Prunes one disk's snapshots by the configured policy, in the background; failures are
+/// logged and retried at the next prune.
+pub fn spawn_prune(
+    rt: &tokio::runtime::Handle,
+    backend: Arc<Backend>,
+    disk_id: String,
+    policy: crate::retention::RetentionPolicy,
+) {
+    rt.spawn(async move {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Err(e) = crate::retention::prune(&backend, &disk_id, &policy, now).await {
+            warn!(disk = %disk_id, error = %e, "snapshot pruning failed; retrying later");
+        }
+    });
 }
 
 /// Why the gateway could not start or run.
@@ -224,7 +245,29 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
         limits,
         cancel: cancel.clone(),
         stats: Arc::new(GatewayStats::default()),
+        retention: config.retention.clone(),
     });
+    if let Some(policy) = shared.retention.clone() {
+        // Time-based expiry also happens while no checkpoint arrives.
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for disk in shared.disks.all() {
+                    spawn_prune(
+                        &tokio::runtime::Handle::current(),
+                        shared.backend.clone(),
+                        disk.id.clone(),
+                        policy.clone(),
+                    );
+                }
+            }
+        });
+    }
     let metrics_task = metrics_listener.map(|listener| {
         let sources = metrics::Sources {
             gateway: shared.stats.clone(),

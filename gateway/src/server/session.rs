@@ -248,7 +248,7 @@ async fn stream_disk(
 
     let failed = CancellationToken::new();
     let (cmd_tx, cmd_rx) = mpsc::channel::<WriterCmd>(64);
-    let writer = Writer::new(
+    let mut writer = Writer::new(
         disk.clone(),
         shared.backend.clone(),
         shared.pool.clone(),
@@ -258,6 +258,7 @@ async fn stream_disk(
         Duration::from_millis(shared.limits.sync_linger_ms),
         failed.clone(),
     );
+    writer.retention = shared.retention.clone();
     let writer_busy = writer.busy.clone();
     let draining = writer.draining.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();

@@ -150,6 +150,8 @@ pub struct Writer {
     /// error once and may drop the dirty pages, so a later sync that succeeds proves nothing:
     /// nothing pending in this writer is ever acked after that.
     sync_failed: bool,
+    /// Snapshot retention to apply after each checkpoint, when configured.
+    pub retention: Option<crate::retention::RetentionPolicy>,
 }
 
 impl Writer {
@@ -181,6 +183,7 @@ impl Writer {
             unsynced: 0,
             pending: None,
             sync_failed: false,
+            retention: None,
         }
     }
 
@@ -487,6 +490,14 @@ impl Writer {
                 digest,
                 snapshot_id: record.snapshot.id.clone(),
             })));
+        if let Some(policy) = &self.retention {
+            super::spawn_prune(
+                &self.rt,
+                self.backend.clone(),
+                self.disk.id.clone(),
+                policy.clone(),
+            );
+        }
         Ok(())
     }
 }
