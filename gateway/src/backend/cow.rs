@@ -72,7 +72,7 @@ pub struct SnapshotCopy {
     rate: u64,
 }
 
-fn open_direct(p: &Path, write: bool) -> Option<File> {
+pub(crate) fn open_direct(p: &Path, write: bool) -> Option<File> {
     OpenOptions::new()
         .read(!write)
         .write(write)
@@ -87,7 +87,7 @@ pub fn side_files(img: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Data extents of `f` below `size`, as 1 MiB-bounded parts.
-fn data_parts(f: &File, size: u64) -> io::Result<Vec<(u64, usize)>> {
+pub(crate) fn data_parts(f: &File, size: u64) -> io::Result<Vec<(u64, usize)>> {
     use rustix::fs::SeekFrom as Whence;
     let mut parts = Vec::new();
     let mut pos = 0u64;

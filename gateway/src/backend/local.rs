@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::cow::SnapshotCopy;
 use super::{
-    BackendError, Recovered, Snapshot, SnapshotInfo, SnapshotRequest, SnapshotState, Volume,
+    BackendError, LaunchDisk, LaunchInfo, Recovered, Snapshot, SnapshotInfo, SnapshotRequest,
+    SnapshotState, Volume,
 };
 use crate::durable;
 
@@ -229,6 +230,76 @@ impl LocalBackend {
         Ok(Snapshot::Copying(copy))
     }
 
+    /// Materializes an instance's disks from completed snapshots: each becomes
+    /// `DATA_DIR/instances/INSTANCE_ID/DISK_ID.img` (reflink, else a sparse copy), and the
+    /// instance's metadata `instance.json` is written last.
+    pub fn launch(
+        &self,
+        snapshots: &[SnapshotInfo],
+        test: bool,
+    ) -> Result<LaunchInfo, BackendError> {
+        let instance_id = format!("i-{:016x}", rand::random::<u64>());
+        let dir = self.data_dir.join("instances").join(&instance_id);
+        let io = |disk: &str, action: &'static str, path: &Path| {
+            let (disk, path) = (disk.to_string(), path.to_path_buf());
+            move |source| BackendError::Io {
+                disk,
+                action,
+                path,
+                source,
+            }
+        };
+        durable::create_dir_all_durable(&dir).map_err(io("*", "create", &dir))?;
+        let mut disks = Vec::new();
+        for snap in snapshots {
+            if snap.state != SnapshotState::Completed {
+                return Err(BackendError::SnapshotPending {
+                    disk: snap.disk_id.clone(),
+                    snapshot: snap.id.clone(),
+                });
+            }
+            let src_path = snap.path.clone().unwrap_or_else(|| {
+                self.snapshot_dir(&snap.disk_id)
+                    .join(format!("{}.img", snap.id))
+            });
+            let dst_path = dir.join(format!("{}.img", snap.disk_id));
+            let src = File::open(&src_path).map_err(io(&snap.disk_id, "open", &src_path))?;
+            let dst = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&dst_path)
+                .map_err(io(&snap.disk_id, "create", &dst_path))?;
+            if rustix::fs::ioctl_ficlone(&dst, &src).is_err() {
+                copy_sparse(&src, &dst, snap.size_bytes).map_err(io(
+                    &snap.disk_id,
+                    "copy to",
+                    &dst_path,
+                ))?;
+            }
+            dst.sync_all()
+                .map_err(io(&snap.disk_id, "sync", &dst_path))?;
+            disks.push(LaunchDisk {
+                disk_id: snap.disk_id.clone(),
+                snapshot_id: snap.id.clone(),
+                path: Some(dst_path),
+            });
+        }
+        let info = LaunchInfo {
+            instance_id,
+            test,
+            state: "running".into(),
+            created_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+                as u64,
+            disks,
+        };
+        let meta = dir.join("instance.json");
+        let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+        durable::atomic_write(&meta, &json, 0o600).map_err(io("*", "write", &meta))?;
+        tracing::info!(instance = %info.instance_id, test, disks = info.disks.len(), "instance launched");
+        Ok(info)
+    }
+
     /// Reads every snapshot's metadata, oldest first.
     pub fn list_snapshots(&self, disk_id: Option<&str>) -> Result<Vec<SnapshotInfo>, BackendError> {
         let root = self.data_dir.join("snapshots");
@@ -367,6 +438,19 @@ impl LocalBackend {
     }
 }
 
+/// Copies the data extents of `src` into `dst` (holes stay holes) and sizes `dst` to `size`.
+fn copy_sparse(src: &File, dst: &File, size: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    dst.set_len(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (off, n) in super::cow::data_parts(src, size)? {
+        let piece = &mut buf[..n];
+        src.read_exact_at(piece, off)?;
+        dst.write_all_at(piece, off)?;
+    }
+    Ok(())
+}
+
 /// SHA-256 of everything `r` yields.
 pub fn sha256_reader(r: &mut impl Read) -> io::Result<[u8; 32]> {
     let mut h = Sha256::new();
@@ -455,6 +539,44 @@ mod tests {
         );
         let (parts, journal) = super::super::cow::side_files(info.path.as_ref().unwrap());
         assert!(!parts.exists() && !journal.exists(), "side files removed");
+    }
+
+    #[test]
+    fn launch_materializes_completed_snapshots_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path().to_path_buf(), true);
+        let v = b.open_volume("d4", 4 << 20).unwrap();
+        v.write_at(&vec![3u8; 1 << 20], 1 << 20).unwrap();
+        v.sync().unwrap();
+        let before = std::fs::read(v.path()).unwrap();
+        let req = SnapshotRequest {
+            disk_id: "d4".into(),
+            label: "c".into(),
+            checkpoint_seq: 2,
+        };
+        let snap = b.begin_snapshot(&v, &req).unwrap().wait().unwrap();
+        v.write_at(&vec![9u8; 4096], 0).unwrap(); // replication goes on
+        let launched = b.launch(std::slice::from_ref(&snap), true).unwrap();
+        assert!(launched.instance_id.starts_with("i-") && launched.test);
+        let path = dir
+            .path()
+            .join(format!("instances/{}/d4.img", launched.instance_id));
+        assert_eq!(launched.disks[0].path.as_deref(), Some(path.as_path()));
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "disk equals the snapshot"
+        );
+        let meta = dir
+            .path()
+            .join(format!("instances/{}/instance.json", launched.instance_id));
+        let back: LaunchInfo = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+        assert_eq!(back, launched);
+        let mut pending = snap.clone();
+        pending.state = SnapshotState::Pending;
+        assert!(matches!(
+            b.launch(&[pending], false),
+            Err(BackendError::SnapshotPending { .. })
+        ));
     }
 
     #[test]

@@ -62,6 +62,30 @@ impl SnapshotState {
     }
 }
 
+/// An instance started from snapshots (a test launch or a cutover).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaunchInfo {
+    /// Instance id (`i-` and 16 hex digits on the local backend).
+    pub instance_id: String,
+    /// A test launch leaves replication running; a cutover is the real thing.
+    pub test: bool,
+    /// `running` once its disks exist.
+    pub state: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The snapshot each disk was made from, and where the disk is.
+    pub disks: Vec<LaunchDisk>,
+}
+
+/// One disk of a launched instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LaunchDisk {
+    pub disk_id: String,
+    pub snapshot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
 /// What [`Backend::recover`] found after a stop.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -235,6 +259,21 @@ impl Backend {
             Backend::Local(b) => {
                 let (b, s) = (b.clone(), info.clone());
                 blocking(move || b.delete_snapshot(&s)).await
+            }
+        }
+    }
+
+    /// Launches an instance from completed snapshots (one per disk): on the local backend the
+    /// instance's disks are materialized as `DATA_DIR/instances/INSTANCE_ID/DISK_ID.img`.
+    pub async fn launch(
+        &self,
+        snapshots: Vec<SnapshotInfo>,
+        test: bool,
+    ) -> Result<LaunchInfo, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let b = b.clone();
+                blocking(move || b.launch(&snapshots, test)).await
             }
         }
     }
