@@ -198,7 +198,8 @@ struct SessionSlot {
 pub struct Disk {
     pub id: String,
     pub size: u64,
-    key: DiskKey,
+    /// `None` once revoked.
+    key: RwLock<Option<DiskKey>>,
     pub volume: Arc<Volume>,
     pub state: Mutex<DiskState>,
     /// Held by the active session for its whole life, writer drain included.
@@ -230,7 +231,7 @@ impl Disk {
         Disk {
             id,
             size,
-            key,
+            key: RwLock::new(Some(key)),
             volume: Arc::new(volume),
             state: Mutex::new(state),
             active: Arc::new(tokio::sync::Mutex::new(())),
@@ -261,8 +262,28 @@ impl Disk {
         }
     }
 
-    pub fn key(&self) -> &DiskKey {
-        &self.key
+    /// The agent key, `None` when revoked.
+    pub fn key(&self) -> Option<DiskKey> {
+        self.key.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether the key was revoked (and not replaced since).
+    pub fn is_revoked(&self) -> bool {
+        self.key.read().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// Replaces the agent key (re-assignment).
+    pub fn set_key(&self, key: DiskKey) {
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+    }
+
+    /// Forgets the key and ends the open session, which reports `revoked` to its agent.
+    pub fn revoke(&self) {
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = &slot.token {
+            t.cancel();
+        }
     }
 
     /// Registers a new session as the latest one and cancels the previous session, so a

@@ -160,8 +160,113 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, GatewayError> {
     Ok(file)
 }
 
+/// Provisions (or reopens) a disk's volume, loads its replication state and resumes any
+/// snapshot copy a stop interrupted.
+async fn open_disk(
+    backend: &Backend,
+    state_dir: &std::path::Path,
+    id: &str,
+    size: u64,
+    key: crate::protocol::auth::DiskKey,
+) -> Result<Disk, GatewayError> {
+    let volume = backend
+        .open_volume(id, size)
+        .await
+        .map_err(|source| GatewayError::Backend {
+            disk: id.to_string(),
+            source,
+        })?;
+    let state = DiskState::load(state_dir, id).map_err(|source| GatewayError::State {
+        disk: id.to_string(),
+        dir: state_dir.display().to_string(),
+        source,
+    })?;
+    let recovered = backend
+        .recover(id)
+        .await
+        .map_err(|source| GatewayError::Backend {
+            disk: id.to_string(),
+            source,
+        })?;
+    if !recovered.failed.is_empty() {
+        warn!(disk = %id, count = recovered.failed.len(),
+            "unacknowledged snapshots interrupted by the last stop were marked failed");
+    }
+    let p = state.point();
+    info!(disk = %id, size, volume = %volume.path().display(),
+        durable_seq = p.seq, checkpoint_seq = p.checkpoint_seq, "disk ready");
+    let disk = Disk::new(id.to_string(), size, key, volume, state);
+    for s in recovered.resumed {
+        disk.add_snapshot_in_flight(s);
+    }
+    Ok(disk)
+}
+
+/// Changes the set of disks and keys of a running gateway: what the control plane's assign
+/// and revoke commands call.
+#[derive(Debug, Clone)]
+pub struct Control {
+    shared: Arc<Shared>,
+    state_dir: std::path::PathBuf,
+}
+
+impl Control {
+    /// Serves disk `id` of `size` bytes to the agent holding `key`. A disk already served keeps
+    /// its volume and state and takes the new key (so re-assigning is how a key is rotated);
+    /// its size must not change.
+    pub async fn assign_disk(
+        &self,
+        id: &str,
+        size: u64,
+        key: crate::protocol::auth::DiskKey,
+    ) -> Result<(), GatewayError> {
+        if !crate::protocol::valid_disk_id(id) || size == 0 {
+            return Err(GatewayError::Config(ConfigError::Invalid(format!(
+                "cannot assign disk {id:?} of {size} bytes: bad id or size"
+            ))));
+        }
+        if let Some(disk) = self.shared.disks.get(id) {
+            if disk.size != size {
+                return Err(GatewayError::Config(ConfigError::Invalid(format!(
+                    "disk {id} is {} bytes; it cannot be re-assigned as {size}",
+                    disk.size
+                ))));
+            }
+            disk.set_key(key);
+            info!(disk = %id, "disk re-assigned: new agent key");
+            return Ok(());
+        }
+        let disk = open_disk(&self.shared.backend, &self.state_dir, id, size, key).await?;
+        self.shared.disks.insert(disk);
+        info!(disk = %id, size, "disk assigned");
+        Ok(())
+    }
+
+    /// Revokes the agent key of disk `id`: its open session ends with `revoked` and the key no
+    /// longer authenticates. Returns false for an unknown disk.
+    pub fn revoke(&self, id: &str) -> bool {
+        match self.shared.disks.get(id) {
+            Some(disk) => {
+                disk.revoke();
+                info!(disk = %id, "agent key revoked");
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// Opens every configured disk, then serves agents until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), GatewayError> {
+    run_with_control(config, cancel, None).await
+}
+
+/// [`run`], handing a [`Control`] to `ready` once the gateway listens.
+pub async fn run_with_control(
+    config: Config,
+    cancel: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Control>>,
+) -> Result<(), GatewayError> {
     durable::create_dir_all_durable(&config.data_dir).map_err(|source| GatewayError::Write {
         path: config.data_dir.display().to_string(),
         source,
@@ -171,37 +276,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
     let disks = Arc::new(DiskRegistry::default());
     let state_dir = config.data_dir.join("state");
     for (dc, key) in config.load_keys()? {
-        let volume = backend
-            .open_volume(&dc.id, dc.size_bytes)
-            .await
-            .map_err(|source| GatewayError::Backend {
-                disk: dc.id.clone(),
-                source,
-            })?;
-        let state = DiskState::load(&state_dir, &dc.id).map_err(|source| GatewayError::State {
-            disk: dc.id.clone(),
-            dir: state_dir.display().to_string(),
-            source,
-        })?;
-        let recovered = backend
-            .recover(&dc.id)
-            .await
-            .map_err(|source| GatewayError::Backend {
-                disk: dc.id.clone(),
-                source,
-            })?;
-        if !recovered.failed.is_empty() {
-            warn!(disk = %dc.id, count = recovered.failed.len(),
-                "unacknowledged snapshots interrupted by the last stop were marked failed");
-        }
-        let p = state.point();
-        info!(disk = %dc.id, size = dc.size_bytes, volume = %volume.path().display(),
-            durable_seq = p.seq, checkpoint_seq = p.checkpoint_seq, "disk ready");
-        let disk = Disk::new(dc.id, dc.size_bytes, key, volume, state);
-        for s in recovered.resumed {
-            disk.add_snapshot_in_flight(s);
-        }
-        disks.insert(disk);
+        disks.insert(open_disk(&backend, &state_dir, &dc.id, dc.size_bytes, key).await?);
     }
     if disks.is_empty() {
         warn!("no disks configured: every agent will be refused with unknown_disk");
@@ -277,6 +352,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), Gatewa
     });
     info!(addr = %local, disks = shared.disks.len(), version = env!("CARGO_PKG_VERSION"),
         "sync-gateway listening");
+    if let Some(ready) = ready {
+        let _ = ready.send(Control {
+            shared: shared.clone(),
+            state_dir: state_dir.clone(),
+        });
+    }
 
     let conn_permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let tracker = TaskTracker::new();

@@ -150,13 +150,19 @@ async fn handshake(
         disk_size: disk.size,
         disk_id: &disk.id,
     };
-    if !auth::verify_agent(disk.key(), &transcript, &mac) {
+    let Some(key) = disk.key() else {
+        return Err(SessionError::peer(
+            ErrorCode::Revoked,
+            format!("disk {}: the agent key was revoked", disk.id),
+        ));
+    };
+    if !auth::verify_agent(&key, &transcript, &mac) {
         return Err(SessionError::peer(
             ErrorCode::AuthFailed,
             format!("disk {}: agent key does not match", disk.id),
         ));
     }
-    let proof = auth::gateway_proof(disk.key(), &transcript);
+    let proof = auth::gateway_proof(&key, &transcript);
     Ok((disk, version, proof))
 }
 
@@ -282,7 +288,9 @@ async fn stream_disk(
     ));
     let read_result: Result<(), SessionError> = loop {
         let frame = tokio::select! {
-            _ = claim.token.cancelled() => break Err(if shared.cancel.is_cancelled() {
+            _ = claim.token.cancelled() => break Err(if disk.is_revoked() {
+                SessionError::peer(ErrorCode::Revoked, format!("disk {}: the agent key was revoked", disk.id))
+            } else if shared.cancel.is_cancelled() {
                 SessionError::peer(ErrorCode::ShuttingDown, "gateway is shutting down")
             } else {
                 SessionError::peer(ErrorCode::Superseded, "a newer session for this disk took over")
