@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::raw::{Client, Recv};
+use common::raw::{hello, send_auth, Client, Recv};
 use common::*;
 use sync_gateway::protocol::auth::{self, DiskKey, Transcript};
 use sync_gateway::protocol::frame::{FLAG_LZ4, FLAG_ZERO};
-use sync_gateway::protocol::{Data, ErrorCode, Frame, Hello, Welcome, PREAMBLE};
+use sync_gateway::protocol::{Data, ErrorCode, Frame, Welcome, PREAMBLE};
 
 const DISK_A: &str = "disk-a";
 const DISK_B: &str = "disk-b";
@@ -79,48 +79,6 @@ impl Client {
             }
         }
     }
-}
-
-fn hello(id: &str, size: u64, min: u16, max: u16) -> Frame {
-    Frame::Hello(Hello {
-        min_version: min,
-        max_version: max,
-        disk_size: size,
-        disk_id: id.into(),
-        agent: "bad-input-test/1".into(),
-    })
-}
-
-/// Preamble, Hello, Challenge, Auth with `key`. Returns the client after the Auth was sent and
-/// the transcript values needed to check the Welcome.
-fn send_auth(
-    addr: SocketAddr,
-    id: &str,
-    size: u64,
-    key: &DiskKey,
-) -> Result<(Client, u16, [u8; 32], [u8; 32]), String> {
-    let mut c = Client::connect(addr);
-    c.raw(&PREAMBLE)?;
-    c.send(&hello(id, size, 1, 1))?;
-    let (version, server_nonce) = match c.recv(Duration::from_secs(5)) {
-        Recv::Frame(Frame::Challenge {
-            version,
-            server_nonce,
-        }) => (version, server_nonce),
-        other => return Err(format!("expected Challenge, got {other:?}")),
-    };
-    let mut client_nonce = [0u8; 32];
-    Rng::new(u64::from(server_nonce[0]) << 8 | u64::from(server_nonce[1])).fill(&mut client_nonce);
-    let t = Transcript {
-        version,
-        server_nonce: &server_nonce,
-        client_nonce: &client_nonce,
-        disk_size: size,
-        disk_id: id,
-    };
-    let mac = auth::agent_mac(key, &t);
-    c.send(&Frame::Auth { client_nonce, mac })?;
-    Ok((c, version, server_nonce, client_nonce))
 }
 
 /// A full, authenticated session; checks the gateway's proof.

@@ -16,11 +16,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::raw::{Client, Recv};
+use common::raw::{send_auth, Client, Recv};
 use common::*;
-use sync_gateway::protocol::auth::{self, DiskKey, Transcript};
+use sync_gateway::protocol::auth::DiskKey;
 use sync_gateway::protocol::frame::CHECKPOINT_VERIFY;
-use sync_gateway::protocol::{Checkpoint, Data, Frame, Hello, Welcome, PREAMBLE};
+use sync_gateway::protocol::{Checkpoint, Data, Frame, Welcome};
 
 // ---------------------------------------------------------------------------------------------
 // Checks on top of the raw client (tests/common/raw.rs)
@@ -61,32 +61,7 @@ fn session(
     key: &DiskKey,
     within: Duration,
 ) -> (Client, Welcome) {
-    let mut c = Client::connect(addr);
-    c.raw(&PREAMBLE).unwrap();
-    c.put(&Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        disk_size: size,
-        disk_id: id.into(),
-        agent: "review-test/1".into(),
-    }));
-    let (version, server_nonce) = match c.recv(Duration::from_secs(5)) {
-        Recv::Frame(Frame::Challenge {
-            version,
-            server_nonce,
-        }) => (version, server_nonce),
-        other => panic!("expected Challenge, got {other:?}"),
-    };
-    let client_nonce = [7u8; 32];
-    let t = Transcript {
-        version,
-        server_nonce: &server_nonce,
-        client_nonce: &client_nonce,
-        disk_size: size,
-        disk_id: id,
-    };
-    let mac = auth::agent_mac(key, &t);
-    c.put(&Frame::Auth { client_nonce, mac });
+    let (mut c, ..) = send_auth(addr, id, size, key).unwrap();
     match c.recv(within) {
         Recv::Frame(Frame::Welcome(w)) => (c, w),
         other => panic!("expected Welcome, got {other:?}"),

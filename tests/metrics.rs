@@ -9,104 +9,28 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 const AGENT_DEADLINE: Duration = Duration::from_secs(180);
 
 // ---------------------------------------------------------------------------------------------
-// A gateway with a [metrics] table (common::Gateway writes its own config, without one)
+// A gateway with a [metrics] table
 
-struct MetricsGateway {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    log_path: PathBuf,
-}
-
-impl MetricsGateway {
-    /// Starts `sync-gateway run` on `cfg` plus a `[metrics]` table listening on `metrics`.
-    fn start(cfg: &GatewayConfig, metrics: &str, t: &TestDir) -> Self {
-        let config_path = t.path("gateway.toml");
-        let text = format!("{}[metrics]\nlisten = \"{metrics}\"\n", cfg.to_toml());
-        std::fs::write(&config_path, text).unwrap();
-        let log_path = t.path("gateway.log");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
-        let mut cmd = Command::new(GATEWAY_BIN);
-        cmd.args(["run", "--config"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SYNC_GATEWAY_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd.spawn().expect("spawn sync-gateway");
-        let mut gw = MetricsGateway {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log_path,
-        };
-        // listen.addr is written after the metrics port is bound and metrics.addr written.
-        let read_addr = |name: &str| -> Option<SocketAddr> {
-            let text = std::fs::read_to_string(cfg.data_dir.join(name)).ok()?;
-            text.strip_suffix('\n')?.trim().parse().ok()
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(addr) = read_addr("listen.addr") {
-                gw.addr = addr;
-                gw.metrics = read_addr("metrics.addr").expect("metrics.addr before listen.addr");
-                return gw;
-            }
-            if let Some(s) = gw.child.try_wait().unwrap() {
-                panic!("sync-gateway exited with {s}\n{}", gw.log());
-            }
-            assert!(Instant::now() < deadline, "no listen.addr\n{}", gw.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for MetricsGateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- gateway log ---\n{}\n--- end ---",
-                tail(&self.log(), 150)
-            );
-        }
-    }
+/// Starts a gateway whose config has a `[metrics]` table listening on `metrics`; returns it
+/// with the bound metrics address (written before `listen.addr`, so it is there already).
+fn start_with_metrics(cfg: GatewayConfig, metrics: &str, t: &TestDir) -> (Gateway, SocketAddr) {
+    let cfg = cfg.extra_toml(&format!("[metrics]\nlisten = \"{metrics}\""));
+    let gw = Gateway::start(&cfg, &t.path("gateway.toml"), &t.path("gateway.log"));
+    let text = std::fs::read_to_string(t.data_dir().join("metrics.addr"))
+        .expect("metrics.addr before listen.addr");
+    let addr = text.trim().parse().expect("metrics.addr holds an address");
+    (gw, addr)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,14 +209,14 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
     let key = t.key_path("disk-1");
     write_key(&key, 41);
     let cfg = GatewayConfig::new(t.data_dir()).disk("disk-1", size, &key);
-    let gw = MetricsGateway::start(&cfg, "127.0.0.1:0", &t);
-    assert!(gw.metrics.ip().is_loopback(), "{}", gw.metrics);
+    let (gw, metrics) = start_with_metrics(cfg, "127.0.0.1:0", &t);
+    assert!(metrics.ip().is_loopback(), "{metrics}");
     let src = t.source_path("disk-1");
     make_image(&src, size, 41);
     let data_blocks = nonzero_blocks(&src);
 
     // Before any agent: every family is there, the disk is idle.
-    let m = scrape(gw.metrics);
+    let m = scrape(metrics);
     assert_eq!(
         m.get(&format!(
             "sync_gateway_build_info{{version=\"{}\"}}",
@@ -307,11 +231,11 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
     assert_eq!(m.disk("checkpoint_seq", "disk-1"), 0);
 
     // Other paths and methods.
-    assert_eq!(http(gw.metrics, "GET", "/").0, 404);
-    assert_eq!(http(gw.metrics, "GET", "/metrics/x").0, 404);
-    let (status, head, _) = http(gw.metrics, "POST", "/metrics");
+    assert_eq!(http(metrics, "GET", "/").0, 404);
+    assert_eq!(http(metrics, "GET", "/metrics/x").0, 404);
+    let (status, head, _) = http(metrics, "POST", "/metrics");
     assert_eq!(status, 405, "{head}");
-    assert_eq!(http(gw.metrics, "DELETE", "/metrics").0, 405);
+    assert_eq!(http(metrics, "DELETE", "/metrics").0, 405);
 
     let run =
         AgentCmd::new(gw.addr, "disk-1", &key, &t.state_dir("disk-1"), &src).run(AGENT_DEADLINE);
@@ -322,7 +246,7 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
 
     // The session closes shortly after the agent exits.
     let m = wait_for(Duration::from_secs(30), "connected == 0", || {
-        let m = scrape(gw.metrics);
+        let m = scrape(metrics);
         (m.disk("connected", "disk-1") == 0).then_some(m)
     });
     let written = m.disk("bytes_written_total", "disk-1");
@@ -366,7 +290,7 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
     let bad = AgentCmd::new(gw.addr, "disk-1", &wrong, &t.state_dir("wrong"), &src)
         .run(Duration::from_secs(60));
     assert!(!bad.status.success(), "{}", bad.describe());
-    let m = scrape(gw.metrics);
+    let m = scrape(metrics);
     assert_eq!(
         m.get("sync_gateway_handshakes_refused_total{code=\"auth_failed\"}"),
         1.0,
@@ -386,11 +310,11 @@ fn the_gateway_listens_only_on_its_data_and_metrics_ports() {
     write_key(&key, 7);
     let cfg = GatewayConfig::new(t.data_dir()).disk("disk-1", 4 * MIB, &key);
 
-    let gw = MetricsGateway::start(&cfg, "127.0.0.1:0", &t);
-    assert_eq!(gw.metrics.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-    assert_ne!(gw.metrics.port(), 0);
-    scrape(gw.metrics); // the port serves before we look
-    let want: BTreeSet<SocketAddr> = [gw.addr, gw.metrics].into();
+    let (gw, metrics) = start_with_metrics(cfg.clone(), "127.0.0.1:0", &t);
+    assert_eq!(metrics.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_ne!(metrics.port(), 0);
+    scrape(metrics); // the port serves before we look
+    let want: BTreeSet<SocketAddr> = [gw.addr, metrics].into();
     assert_eq!(listening_sockets(gw.pid()), want);
     drop(gw);
 

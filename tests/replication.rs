@@ -22,12 +22,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 const AGENT_DEADLINE: Duration = Duration::from_secs(180);
 
 /// A one-disk setup: keys, config, source image, gateway.

@@ -6,7 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use sync_gateway::protocol::{Frame, FrameCodec};
+use sync_gateway::protocol::auth::{self, DiskKey, Transcript};
+use sync_gateway::protocol::{Frame, FrameCodec, Hello, PREAMBLE};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// What one read brought.
@@ -102,4 +103,47 @@ impl Client {
             }
         }
     }
+}
+
+pub fn hello(id: &str, size: u64, min: u16, max: u16) -> Frame {
+    Frame::Hello(Hello {
+        min_version: min,
+        max_version: max,
+        disk_size: size,
+        disk_id: id.into(),
+        agent: "raw-test-client/1".into(),
+    })
+}
+
+/// Preamble, Hello, Challenge, Auth with `key`. Returns the client after the Auth was sent and
+/// the transcript values needed to check the Welcome.
+pub fn send_auth(
+    addr: SocketAddr,
+    id: &str,
+    size: u64,
+    key: &DiskKey,
+) -> Result<(Client, u16, [u8; 32], [u8; 32]), String> {
+    let mut c = Client::connect(addr);
+    c.raw(&PREAMBLE)?;
+    c.send(&hello(id, size, 1, 1))?;
+    let (version, server_nonce) = match c.recv(Duration::from_secs(5)) {
+        Recv::Frame(Frame::Challenge {
+            version,
+            server_nonce,
+        }) => (version, server_nonce),
+        other => return Err(format!("expected Challenge, got {other:?}")),
+    };
+    let mut client_nonce = [0u8; 32];
+    super::Rng::new(u64::from(server_nonce[0]) << 8 | u64::from(server_nonce[1]))
+        .fill(&mut client_nonce);
+    let t = Transcript {
+        version,
+        server_nonce: &server_nonce,
+        client_nonce: &client_nonce,
+        disk_size: size,
+        disk_id: id,
+    };
+    let mac = auth::agent_mac(key, &t);
+    c.send(&Frame::Auth { client_nonce, mac })?;
+    Ok((c, version, server_nonce, client_nonce))
 }
