@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
@@ -86,7 +86,6 @@ const REC_LEN: usize = 8 + 8 + 8 + 8 + 8 + 8; // magic gen seq resume ckpt check
 #[derive(Debug)]
 pub struct SeqRecord {
     file: File,
-    path: PathBuf,
     generation: u64,
     current: DurablePoint,
 }
@@ -125,7 +124,6 @@ impl SeqRecord {
         let (generation, current) = best.unwrap_or_default();
         Ok(SeqRecord {
             file,
-            path: path.to_path_buf(),
             generation,
             current,
         })
@@ -152,11 +150,6 @@ impl SeqRecord {
         self.generation = gen;
         self.current = point;
         Ok(())
-    }
-
-    /// Where the record lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

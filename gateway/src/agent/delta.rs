@@ -30,7 +30,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -42,7 +41,7 @@ use tokio::task::JoinHandle;
 use super::error::AgentError;
 use super::link::Link;
 use super::report::Report;
-use super::scan::{data_frame, digest_worker, read_chunk, zero_frame, Outgoing, ScanResult};
+use super::scan::{data_frame, read_chunk, zero_frame, Outgoing, ScanResult};
 use super::state::BlockMap;
 use crate::protocol::frame::MAX_HASHES;
 use crate::protocol::{HashQuery, HashReply, BLOCK_SIZE, MAX_BLOCK_LEN};
@@ -174,25 +173,9 @@ struct Scanned {
 }
 
 fn scan(cfg: &ScanSide, out: &mpsc::Sender<Group>) -> Result<Scanned, AgentError> {
-    let (digest_tx, digest_thread) = if cfg.verify {
-        let (tx, rx) = sync_channel::<Bytes>(2);
-        let t = std::thread::Builder::new()
-            .name("digest".into())
-            .spawn(move || digest_worker(&rx))
-            .map_err(|e| AgentError::Internal(format!("cannot start digest thread: {e}")))?;
-        (Some(tx), Some(t))
-    } else {
-        (None, None)
-    };
-    let result = scan_loop(cfg, out, digest_tx.as_ref());
-    drop(digest_tx);
-    let digest = match digest_thread {
-        Some(t) => Some(
-            t.join()
-                .map_err(|_| AgentError::Internal("digest thread panicked".into()))?,
-        ),
-        None => None,
-    };
+    let whole = super::scan::SourceDigest::start(cfg.verify, 2)?;
+    let result = scan_loop(cfg, out, whole.sender());
+    let digest = whole.finish()?;
     let (map, bytes_scanned) = result?;
     Ok(Scanned {
         map,

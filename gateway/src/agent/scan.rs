@@ -183,30 +183,13 @@ fn run(cfg: ScanConfig, out: &mpsc::Sender<Pending>) -> Result<ScanResult, Agent
             .map_err(|e| AgentError::Internal(format!("cannot start worker: {e}")))?;
         workers.push(w);
     }
-    let (digest_tx, digest_thread) = if cfg.verify {
-        let (tx, rx) = sync_channel::<Bytes>(8);
-        let t = std::thread::Builder::new()
-            .name("digest".into())
-            .spawn(move || digest_worker(&rx))
-            .map_err(|e| AgentError::Internal(format!("cannot start digest thread: {e}")))?;
-        (Some(tx), Some(t))
-    } else {
-        (None, None)
-    };
-
-    let result = scan_loop(&cfg, out, &job_tx, digest_tx.as_ref());
+    let whole = SourceDigest::start(cfg.verify, 8)?;
+    let result = scan_loop(&cfg, out, &job_tx, whole.sender());
     drop(job_tx);
-    drop(digest_tx);
     for w in workers {
         let _ = w.join();
     }
-    let digest = match digest_thread {
-        Some(t) => Some(
-            t.join()
-                .map_err(|_| AgentError::Internal("digest thread panicked".into()))?,
-        ),
-        None => None,
-    };
+    let digest = whole.finish()?;
     let (map, bytes_scanned, next_seq) = result?;
     Ok(ScanResult {
         map,
@@ -376,7 +359,52 @@ fn encode_worker(jobs: &Mutex<Receiver<Job>>) {
     }
 }
 
-pub(crate) fn digest_worker(chunks: &Receiver<Bytes>) -> [u8; 32] {
+/// The SHA-256 of the whole source for `--verify`, computed on a thread of its own from the
+/// chunks the scan reads, in order.
+pub(crate) struct SourceDigest {
+    tx: Option<SyncSender<Bytes>>,
+    thread: Option<std::thread::JoinHandle<[u8; 32]>>,
+}
+
+impl SourceDigest {
+    /// Starts the digest thread when `enabled`; `depth` chunks may wait for it.
+    pub(crate) fn start(enabled: bool, depth: usize) -> Result<Self, AgentError> {
+        if !enabled {
+            return Ok(SourceDigest {
+                tx: None,
+                thread: None,
+            });
+        }
+        let (tx, rx) = sync_channel::<Bytes>(depth);
+        let thread = std::thread::Builder::new()
+            .name("digest".into())
+            .spawn(move || digest_worker(&rx))
+            .map_err(|e| AgentError::Internal(format!("cannot start digest thread: {e}")))?;
+        Ok(SourceDigest {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where the scan sends each chunk, when digesting.
+    pub(crate) fn sender(&self) -> Option<&SyncSender<Bytes>> {
+        self.tx.as_ref()
+    }
+
+    /// Ends the input and returns the digest (`None` when not enabled).
+    pub(crate) fn finish(mut self) -> Result<Option<[u8; 32]>, AgentError> {
+        drop(self.tx.take());
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map(Some)
+                .map_err(|_| AgentError::Internal("digest thread panicked".into())),
+            None => Ok(None),
+        }
+    }
+}
+
+fn digest_worker(chunks: &Receiver<Bytes>) -> [u8; 32] {
     let mut h = Sha256::new();
     while let Ok(c) = chunks.recv() {
         h.update(&c);

@@ -176,14 +176,6 @@ pub enum BackendError {
     InvalidSnapshotId { disk: String, snapshot: String },
 }
 
-impl BackendError {
-    /// Whether retrying the same call may succeed (transient I/O).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, BackendError::Io { source, .. }
-            if matches!(source.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock))
-    }
-}
-
 /// The configured backend.
 #[derive(Debug)]
 pub enum Backend {
