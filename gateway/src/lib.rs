@@ -7,9 +7,11 @@
 //! - [`config`]: the one config struct.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
 //! - [`retention`]: which snapshots a tiered retention policy keeps.
+//! - [`api`]: the upward channel's JSON contract (gateway ↔ control plane).
 //! - [`agent`]: the reference agent that scans a source and streams its changes.
 
 pub mod agent;
+pub mod api;
 pub mod backend;
 pub mod config;
 pub mod durable;

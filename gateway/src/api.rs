@@ -1,0 +1,652 @@
+//! The upward channel's contract, version 1: JSON bodies exchanged between `sync-gateway` and a
+//! control plane (the reference one is `sync-control`). Both sides use these types, so this file
+//! and the OpenAPI document that `sync-control` serves at `/v1/openapi.json` describe one API.
+//!
+//! The gateway only ever opens connections: it registers, long-polls for commands, posts
+//! command results and posts status reports. Nothing connects to it.
+//!
+//! ```text
+//!  gateway                                           control plane
+//!  POST /v1/register {bootstrap_token, identity} ──▶ one-time token → gateway id + credential
+//!  GET  /v1/gateways/{id}/commands?wait=25 ────────▶ held until a command is queued or 25 s pass
+//!  POST /v1/gateways/{id}/commands/{cid}/result ───▶ the command's outcome (idempotent by id)
+//!  POST /v1/gateways/{id}/status ──────────────────▶ every few seconds and after each change
+//! ```
+//!
+//! Gateway requests carry `Authorization: Bearer CREDENTIAL`; operator requests carry the
+//! operator token. Errors are `{"error": {"code": "...", "message": "..."}}` with a 4xx/5xx status.
+//!
+//! Compatibility rule: within `/v1` fields are only added, never removed or retyped; readers
+//! ignore fields they do not know (no `deny_unknown_fields` here) and a command kind a gateway
+//! does not know is answered with a `failed` result naming it, never dropped silently.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::LaunchInfo;
+use crate::retention::RetentionPolicy;
+
+/// Path prefix of this API version.
+pub const PREFIX: &str = "/v1";
+
+/// Longest long-poll a gateway asks for, seconds. Control planes clamp `wait` to this.
+pub const MAX_POLL_WAIT_SECS: u64 = 60;
+
+/// The one error body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// A machine-readable code (`bootstrap_token_invalid`, `unauthorized`, `not_found`, …) and a
+/// sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Error codes with a meaning a client acts on.
+pub mod codes {
+    /// The bootstrap token is unknown or expired.
+    pub const BOOTSTRAP_TOKEN_INVALID: &str = "bootstrap_token_invalid";
+    /// The bootstrap token was already used by another registration.
+    pub const BOOTSTRAP_TOKEN_USED: &str = "bootstrap_token_used";
+    /// Missing or wrong credential / operator token.
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// No such gateway, disk or command.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The body does not parse or a field is out of range.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The request conflicts with the current state (disk already assigned elsewhere, …).
+    pub const CONFLICT: &str = "conflict";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registration
+
+/// `POST /v1/register`: the gateway's first call, with the one-time bootstrap token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub bootstrap_token: String,
+    /// Host name of the gateway VM (for people).
+    pub hostname: String,
+    /// `sync-gateway` version.
+    pub version: String,
+    /// Backend kind: `local`, `aws`, `aliyun`.
+    pub backend: String,
+    /// The data port agents connect to.
+    pub data_port: u16,
+    /// The cloud's signed instance identity document, when the backend provides one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityDocument>,
+}
+
+/// A cloud instance identity document and its signature, passed through as the cloud gave them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityDocument {
+    /// `aws` or `aliyun`.
+    pub provider: String,
+    pub document: String,
+    pub signature: String,
+}
+
+/// Answer to a registration: who the gateway is from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub gateway_id: String,
+    /// The gateway's own bearer credential. Shown once; the control plane keeps only a hash.
+    pub credential: String,
+    /// How often the gateway should report when nothing changes.
+    pub report_interval_secs: u64,
+    /// How long a command poll may be held open.
+    pub poll_wait_secs: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+/// `GET /v1/gateways/{id}/commands?wait=SECS`: the commands the gateway has not yet answered,
+/// oldest first. A command stays in this list (and may be delivered again) until its result
+/// is posted, so the gateway must execute each id at most once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandBatch {
+    pub commands: Vec<Command>,
+}
+
+/// One command. `args` is interpreted by `kind` (see [`Action::parse`]); keeping it raw on the
+/// wire lets a gateway answer a kind it does not know instead of failing the whole batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+    /// When the operator issued it, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub issued_unix_ms: u64,
+}
+
+/// Command kinds, as they appear in [`Command::kind`].
+pub mod kinds {
+    pub const ASSIGN_DISK: &str = "assign_disk";
+    pub const REVOKE_AGENT: &str = "revoke_agent";
+    pub const SNAPSHOT_NOW: &str = "snapshot_now";
+    pub const SET_POLICY: &str = "set_policy";
+    pub const TEST_LAUNCH: &str = "test_launch";
+    pub const CUTOVER: &str = "cutover";
+    pub const FINALIZE: &str = "finalize";
+    /// Every kind this version defines.
+    pub const ALL: &[&str] = &[
+        ASSIGN_DISK,
+        REVOKE_AGENT,
+        SNAPSHOT_NOW,
+        SET_POLICY,
+        TEST_LAUNCH,
+        CUTOVER,
+        FINALIZE,
+    ];
+}
+
+/// `assign_disk`: provision a volume for the disk and accept the agent holding `agent_key`.
+/// Assigning a disk the gateway already has rotates its key (the size must not change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignDisk {
+    pub disk_id: String,
+    pub size_bytes: u64,
+    /// 32-byte replication key, 64 hex digits.
+    pub agent_key: String,
+}
+
+/// `revoke_agent`, `snapshot_now`, `cutover`, `finalize`: one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRef {
+    pub disk_id: String,
+}
+
+/// `test_launch`: start an instance from a snapshot while replication goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestLaunch {
+    pub disk_id: String,
+    /// Which snapshot; absent: the one of the latest checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+}
+
+/// `set_policy`: gateway-wide settings. An absent field leaves that setting unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Policy {
+    /// Snapshot retention tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionPolicy>,
+    /// Cap on the replication bandwidth of each disk, bytes per second (0: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit_bytes_per_sec: Option<u64>,
+}
+
+/// A command, parsed by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    AssignDisk(AssignDisk),
+    RevokeAgent(DiskRef),
+    SnapshotNow(DiskRef),
+    SetPolicy(Policy),
+    TestLaunch(TestLaunch),
+    Cutover(DiskRef),
+    Finalize(DiskRef),
+}
+
+impl Action {
+    /// Parses a command's `args` by its `kind`.
+    pub fn parse(cmd: &Command) -> Result<Action, String> {
+        fn args<T: serde::de::DeserializeOwned>(cmd: &Command) -> Result<T, String> {
+            serde_json::from_value(cmd.args.clone())
+                .map_err(|e| format!("command {} ({}): bad args: {e}", cmd.id, cmd.kind))
+        }
+        Ok(match cmd.kind.as_str() {
+            kinds::ASSIGN_DISK => Action::AssignDisk(args(cmd)?),
+            kinds::REVOKE_AGENT => Action::RevokeAgent(args(cmd)?),
+            kinds::SNAPSHOT_NOW => Action::SnapshotNow(args(cmd)?),
+            kinds::SET_POLICY => Action::SetPolicy(args(cmd)?),
+            kinds::TEST_LAUNCH => Action::TestLaunch(args(cmd)?),
+            kinds::CUTOVER => Action::Cutover(args(cmd)?),
+            kinds::FINALIZE => Action::Finalize(args(cmd)?),
+            other => {
+                return Err(format!(
+                    "command {}: kind {other:?} is not supported by sync-gateway {}",
+                    cmd.id,
+                    env!("CARGO_PKG_VERSION")
+                ))
+            }
+        })
+    }
+
+    /// The wire kind and args of this action.
+    pub fn to_command(&self, id: String, issued_unix_ms: u64) -> Command {
+        let (kind, args) = match self {
+            Action::AssignDisk(a) => (kinds::ASSIGN_DISK, serde_json::to_value(a)),
+            Action::RevokeAgent(a) => (kinds::REVOKE_AGENT, serde_json::to_value(a)),
+            Action::SnapshotNow(a) => (kinds::SNAPSHOT_NOW, serde_json::to_value(a)),
+            Action::SetPolicy(a) => (kinds::SET_POLICY, serde_json::to_value(a)),
+            Action::TestLaunch(a) => (kinds::TEST_LAUNCH, serde_json::to_value(a)),
+            Action::Cutover(a) => (kinds::CUTOVER, serde_json::to_value(a)),
+            Action::Finalize(a) => (kinds::FINALIZE, serde_json::to_value(a)),
+        };
+        Command {
+            id,
+            kind: kind.to_string(),
+            args: args.unwrap_or(serde_json::Value::Null),
+            issued_unix_ms,
+        }
+    }
+
+    /// The disk the action concerns, if one.
+    pub fn disk_id(&self) -> Option<&str> {
+        match self {
+            Action::AssignDisk(a) => Some(&a.disk_id),
+            Action::RevokeAgent(d)
+            | Action::SnapshotNow(d)
+            | Action::Cutover(d)
+            | Action::Finalize(d) => Some(&d.disk_id),
+            Action::TestLaunch(t) => Some(&t.disk_id),
+            Action::SetPolicy(_) => None,
+        }
+    }
+}
+
+/// Outcome of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandOutcome {
+    Succeeded,
+    Failed,
+}
+
+/// `POST /v1/gateways/{id}/commands/{command_id}/result`. Posting the same result again is
+/// harmless (the gateway re-posts after a restart until one is accepted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub command_id: String,
+    pub outcome: CommandOutcome,
+    /// What went wrong, or a short summary.
+    #[serde(default)]
+    pub message: String,
+    /// Kind-specific output: `{"snapshot": SnapshotSummary}` for `snapshot_now`,
+    /// `{"launch": LaunchInfo}` for launches, `{}` otherwise.
+    #[serde(default)]
+    pub output: serde_json::Value,
+    pub finished_unix_ms: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// `POST /v1/gateways/{id}/status`: the gateway's whole state at `reported_unix_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub gateway: GatewayStatus,
+    pub disks: Vec<DiskStatus>,
+    /// Instances launched by this gateway (test launches and cutovers), oldest first.
+    #[serde(default)]
+    pub launches: Vec<LaunchInfo>,
+}
+
+/// Per-gateway figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayStatus {
+    pub gateway_id: String,
+    pub version: String,
+    pub hostname: String,
+    pub backend: String,
+    pub data_port: u16,
+    pub reported_unix_ms: u64,
+    pub started_unix_ms: u64,
+    pub uptime_secs: u64,
+    /// Process CPU use over the last report interval, percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory of the gateway process.
+    pub memory_rss_bytes: u64,
+    /// Memory of the machine: total and available.
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// Space of the filesystem holding the data dir.
+    pub data_free_bytes: u64,
+    pub data_total_bytes: u64,
+    /// Agents connected now.
+    pub open_sessions: u64,
+    /// Effective policy.
+    pub policy: Policy,
+    /// Reports dropped because the queue was full while the control plane was unreachable.
+    #[serde(default)]
+    pub reports_dropped: u64,
+}
+
+/// Replication state of a disk, as the console shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    /// Assigned; no agent has sent anything yet.
+    Initiating,
+    /// An agent is connected and the first checkpoint has not been reached.
+    InitialSync,
+    /// At a checkpoint: everything the agent sent is in a snapshot.
+    Continuous,
+    /// An agent is streaming changes made since the last checkpoint.
+    Backlog,
+    /// A snapshot's content is still being captured.
+    CreatingSnapshot,
+    /// An agent is comparing block hashes with the volume (delta resync).
+    Rescan,
+    /// Writes are failing on the volume, or received data is not being made durable.
+    Stalled,
+    /// No agent is connected and the last pass did not reach a checkpoint.
+    Disconnected,
+    /// Replication is stopped: the key was revoked, or the disk was cut over or finalized.
+    Paused,
+}
+
+impl DiskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::Initiating => "initiating",
+            DiskState::InitialSync => "initial-sync",
+            DiskState::Continuous => "continuous",
+            DiskState::Backlog => "backlog",
+            DiskState::CreatingSnapshot => "creating-snapshot",
+            DiskState::Rescan => "rescan",
+            DiskState::Stalled => "stalled",
+            DiskState::Disconnected => "disconnected",
+            DiskState::Paused => "paused",
+        }
+    }
+}
+
+/// Where a disk is in its life on this gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskPhase {
+    /// Replicating (or waiting for its agent).
+    #[default]
+    Replicating,
+    /// The agent key was revoked; a new assignment resumes.
+    Revoked,
+    /// Cut over: replication stopped, the volume is kept until finalize.
+    CutOver,
+    /// Finalized: the volume is released; snapshots are kept by the retention policy.
+    Finalized,
+}
+
+/// Per-disk figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub disk_id: String,
+    pub state: DiskState,
+    pub phase: DiskPhase,
+    pub connected: bool,
+    /// Size of the source disk.
+    pub bytes_total: u64,
+    /// Bytes of the disk that are replicated as of the current pass (all of it at a checkpoint).
+    pub bytes_replicated: u64,
+    /// Bytes of the disk the current pass has still to cover (0 at a checkpoint).
+    pub bytes_backlogged: u64,
+    /// Bytes received from agents since the gateway started (after decompression).
+    pub bytes_received: u64,
+    /// Receive rate over the last report interval, bytes per second.
+    pub throughput_bytes_per_sec: u64,
+    /// Time to cover the backlog at the current throughput; absent when idle or unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
+    /// Age of the newest consistent point (the recovery point a launch would use); absent before
+    /// the first checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_secs: Option<u64>,
+    /// Highest sequence number made durable.
+    pub durable_seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointSummary>,
+    /// The newest snapshot of the disk, whatever its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<SnapshotSummary>,
+    /// Every snapshot of the disk, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Protocol errors by code since the gateway started.
+    #[serde(default)]
+    pub errors: BTreeMap<String, u64>,
+}
+
+/// The newest checkpoint of a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointSummary {
+    pub seq: u64,
+    pub label: String,
+    pub snapshot_id: String,
+    pub created_unix_ms: u64,
+}
+
+/// One snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub id: String,
+    pub label: String,
+    /// `pending`, `completed` or `failed`.
+    pub state: String,
+    pub created_unix_ms: u64,
+    pub checkpoint_seq: u64,
+}
+
+impl From<&crate::backend::SnapshotInfo> for SnapshotSummary {
+    fn from(s: &crate::backend::SnapshotInfo) -> Self {
+        SnapshotSummary {
+            id: s.id.clone(),
+            label: s.label.clone(),
+            state: s.state.as_str().to_string(),
+            created_unix_ms: s.created_unix_ms,
+            checkpoint_seq: s.checkpoint_seq,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator API (sync-control)
+
+/// `POST /v1/bootstrap-tokens` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootstrapToken {
+    pub token: String,
+    pub expires_unix_ms: u64,
+}
+
+/// `POST /v1/disks`: assign a disk to a gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignRequest {
+    pub gateway_id: String,
+    pub disk_id: String,
+    pub size_bytes: u64,
+}
+
+/// Answer to an assignment: the key to give the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignResponse {
+    pub gateway_id: String,
+    pub disk_id: String,
+    pub size_bytes: u64,
+    /// 64 hex digits: write it to the agent's `--key-file`.
+    pub agent_key: String,
+    pub command_id: String,
+}
+
+/// `POST /v1/disks/{disk_id}/test-launch` body (optional).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+}
+
+/// A queued command, as the operator API answers when it creates one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRef {
+    pub command_id: String,
+    pub gateway_id: String,
+    pub kind: String,
+}
+
+/// Where a command is, as `GET /v1/commands/{command_id}` and the status show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Waiting for the gateway's next poll.
+    Queued,
+    /// Handed to the gateway; no result yet.
+    Delivered,
+    Succeeded,
+    Failed,
+}
+
+/// A command and its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandView {
+    pub command_id: String,
+    pub gateway_id: String,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub state: CommandState,
+    pub issued_unix_ms: u64,
+    /// How many times it was handed to the gateway.
+    pub deliveries: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CommandResult>,
+}
+
+/// A registered gateway, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayView {
+    pub gateway_id: String,
+    pub hostname: String,
+    pub registered_unix_ms: u64,
+    /// Last status report received, milliseconds since the Unix epoch (0: none yet).
+    pub last_seen_unix_ms: u64,
+    /// Whether it reported or polled recently.
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityDocument>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<GatewayStatus>,
+}
+
+/// A disk assigned through the control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskView {
+    pub disk_id: String,
+    pub gateway_id: String,
+    pub size_bytes: u64,
+    pub assigned_unix_ms: u64,
+    /// The gateway's latest report of the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DiskStatus>,
+}
+
+/// `GET /v1/status`: everything the console shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub gateways: Vec<GatewayView>,
+    pub disks: Vec<DiskView>,
+    /// Launches reported by every gateway, with the gateway that made them.
+    pub launches: Vec<LaunchView>,
+    /// The most recent commands, newest first.
+    pub commands: Vec<CommandView>,
+}
+
+/// A launch and its gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchView {
+    pub gateway_id: String,
+    #[serde(flatten)]
+    pub launch: LaunchInfo,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_through_the_wire_command() {
+        let actions = [
+            Action::AssignDisk(AssignDisk {
+                disk_id: "d".into(),
+                size_bytes: 4096,
+                agent_key: "00".repeat(32),
+            }),
+            Action::RevokeAgent(DiskRef {
+                disk_id: "d".into(),
+            }),
+            Action::SnapshotNow(DiskRef {
+                disk_id: "d".into(),
+            }),
+            Action::SetPolicy(Policy {
+                retention: Some(RetentionPolicy::default()),
+                bandwidth_limit_bytes_per_sec: Some(1),
+            }),
+            Action::TestLaunch(TestLaunch {
+                disk_id: "d".into(),
+                snapshot_id: None,
+            }),
+            Action::Cutover(DiskRef {
+                disk_id: "d".into(),
+            }),
+            Action::Finalize(DiskRef {
+                disk_id: "d".into(),
+            }),
+        ];
+        assert_eq!(actions.len(), kinds::ALL.len());
+        for a in actions {
+            let cmd = a.to_command("c1".into(), 7);
+            assert!(kinds::ALL.contains(&cmd.kind.as_str()));
+            let json = serde_json::to_string(&cmd).unwrap();
+            let back: Command = serde_json::from_str(&json).unwrap();
+            assert_eq!(Action::parse(&back).unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_or_bad_args_is_an_error_naming_the_command() {
+        let cmd = Command {
+            id: "c9".into(),
+            kind: "collect_diagnostics".into(),
+            args: serde_json::json!({}),
+            issued_unix_ms: 0,
+        };
+        let e = Action::parse(&cmd).unwrap_err();
+        assert!(e.contains("c9") && e.contains("collect_diagnostics"), "{e}");
+        let cmd = Command {
+            kind: kinds::ASSIGN_DISK.into(),
+            args: serde_json::json!({"disk_id": 5}),
+            ..cmd
+        };
+        let e = Action::parse(&cmd).unwrap_err();
+        assert!(e.contains("bad args"), "{e}");
+    }
+
+    #[test]
+    fn disk_states_serialize_as_the_console_names() {
+        for s in [
+            DiskState::Initiating,
+            DiskState::InitialSync,
+            DiskState::Continuous,
+            DiskState::Backlog,
+            DiskState::CreatingSnapshot,
+            DiskState::Rescan,
+            DiskState::Stalled,
+            DiskState::Disconnected,
+            DiskState::Paused,
+        ] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
+    }
+}
