@@ -5,6 +5,7 @@
 //! - [`server`]: the gateway's data port, sessions and disk writers.
 //! - [`backend`]: volumes and snapshots (`local` today; cloud backends implement the same).
 //! - [`config`]: the one config struct.
+//! - [`http_client`]: JSON over HTTP(S) for the upward channel and the `sync-control` CLI.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
 //! - [`retention`]: which snapshots a tiered retention policy keeps.
 //! - [`api`]: the upward channel's JSON contract (gateway ↔ control plane).
@@ -15,6 +16,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod durable;
+pub mod http_client;
 pub mod protocol;
 pub mod retention;
 pub mod server;
