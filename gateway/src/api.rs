@@ -569,6 +569,7 @@ pub struct LaunchView {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

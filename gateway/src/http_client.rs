@@ -279,6 +279,7 @@ fn status_code_name(status: StatusCode) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
