@@ -7,15 +7,18 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/proc_net.rs"]
+mod proc_net;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use proc_net::{listening_sockets, parse_proc_addr};
 
 const AGENT_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -117,65 +120,6 @@ fn scrape(addr: SocketAddr) -> Scrape {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Listening sockets of a process, from /proc
-
-/// Inodes of the sockets process `pid` holds open.
-fn socket_inodes(pid: u32) -> BTreeSet<u64> {
-    let mut inodes = BTreeSet::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        let Ok(target) = std::fs::read_link(e.path()) else {
-            continue; // closed meanwhile
-        };
-        let t = target.to_string_lossy();
-        if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-            inodes.insert(n.parse().unwrap());
-        }
-    }
-    inodes
-}
-
-/// An address in /proc/net/tcp{,6}: 32-bit words in hex, each in host (little-endian) order.
-fn parse_proc_addr(s: &str) -> SocketAddr {
-    let (ip, port) = s.split_once(':').unwrap();
-    let port = u16::from_str_radix(port, 16).unwrap();
-    let mut bytes = Vec::new();
-    for word in ip.as_bytes().chunks(8) {
-        let w = u32::from_str_radix(std::str::from_utf8(word).unwrap(), 16).unwrap();
-        bytes.extend_from_slice(&w.to_le_bytes());
-    }
-    let ip = match bytes.len() {
-        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap())),
-        n => panic!("address of {n} bytes: {s}"),
-    };
-    SocketAddr::new(ip, port)
-}
-
-/// TCP sockets in state LISTEN (0A) that process `pid` holds.
-fn listening_sockets(pid: u32) -> BTreeSet<SocketAddr> {
-    let inodes = socket_inodes(pid);
-    let mut out = BTreeSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue; // no IPv6 in this kernel
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            if inodes.contains(&f[9].parse::<u64>().unwrap()) {
-                out.insert(parse_proc_addr(f[1]));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn proc_addresses_parse() {
     assert_eq!(
@@ -229,6 +173,15 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
     assert_eq!(m.disk("connected", "disk-1"), 0);
     assert_eq!(m.disk("bytes_written_total", "disk-1"), 0);
     assert_eq!(m.disk("checkpoint_seq", "disk-1"), 0);
+    assert_eq!(
+        m.get("sync_gateway_disk_state{disk=\"disk-1\",state=\"initiating\"}"),
+        1.0
+    );
+    assert_eq!(m.disk("backlog_bytes", "disk-1"), size);
+    assert!(
+        !m.text.contains("sync_gateway_disk_lag_seconds{"),
+        "no lag before a checkpoint"
+    );
 
     // Other paths and methods.
     assert_eq!(http(metrics, "GET", "/").0, 404);
@@ -271,6 +224,23 @@ fn scrape_counts_a_replication_and_a_refused_agent() {
     assert_eq!(m.disk("checkpoint_seq", "disk-1"), field("checkpoint_seq"));
     assert_eq!(m.disk("durable_seq", "disk-1"), field("checkpoint_seq"));
     assert!(m.disk("syncs_total", "disk-1") >= 1);
+    // At its checkpoint: exactly one state set, no backlog, a lag of seconds.
+    let m = wait_for(Duration::from_secs(30), "state continuous", || {
+        let m = scrape(metrics);
+        (m.get("sync_gateway_disk_state{disk=\"disk-1\",state=\"continuous\"}") == 1.0).then_some(m)
+    });
+    let states: f64 = sync_gateway::api::DiskState::ALL
+        .iter()
+        .map(|s| {
+            m.get(&format!(
+                "sync_gateway_disk_state{{disk=\"disk-1\",state=\"{}\"}}",
+                s.as_str()
+            ))
+        })
+        .sum();
+    assert_eq!(states, 1.0);
+    assert_eq!(m.disk("backlog_bytes", "disk-1"), 0);
+    assert!(m.disk("lag_seconds", "disk-1") < 300);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

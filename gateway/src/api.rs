@@ -347,6 +347,19 @@ pub enum DiskState {
 }
 
 impl DiskState {
+    /// Every state, in the order of the table in [`crate::server::disk::Disk::progress`].
+    pub const ALL: &'static [DiskState] = &[
+        DiskState::Paused,
+        DiskState::Stalled,
+        DiskState::Rescan,
+        DiskState::CreatingSnapshot,
+        DiskState::InitialSync,
+        DiskState::Backlog,
+        DiskState::Disconnected,
+        DiskState::Initiating,
+        DiskState::Continuous,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DiskState::Initiating => "initiating",
@@ -633,17 +646,8 @@ mod tests {
 
     #[test]
     fn disk_states_serialize_as_the_console_names() {
-        for s in [
-            DiskState::Initiating,
-            DiskState::InitialSync,
-            DiskState::Continuous,
-            DiskState::Backlog,
-            DiskState::CreatingSnapshot,
-            DiskState::Rescan,
-            DiskState::Stalled,
-            DiskState::Disconnected,
-            DiskState::Paused,
-        ] {
+        assert_eq!(DiskState::ALL.len(), 9);
+        for &s in DiskState::ALL {
             assert_eq!(
                 serde_json::to_value(s).unwrap(),
                 serde_json::Value::String(s.as_str().into())

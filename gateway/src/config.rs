@@ -47,9 +47,59 @@ pub struct Config {
     /// Prometheus metrics port. Absent (the default): no metrics port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
-    /// Disks served in standalone mode (no control plane).
+    /// The control plane this gateway registers with and reports to. Absent (the default):
+    /// standalone mode, disks come from `[[disks]]` only. Present: `[[disks]]` may be empty and
+    /// disks arrive by command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlaneConfig>,
+    /// Disks served in standalone mode (no control plane), or in addition to assigned ones.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+}
+
+/// The upward channel: connections the gateway opens to its control plane (it accepts none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// Base URL, `https://…` in production (`http://` is accepted for a local control plane).
+    pub url: String,
+    /// File holding the one-time bootstrap token (from user-data). Read only until the gateway
+    /// has registered; its credential is then kept in `DATA_DIR/state/control-plane.json`
+    /// (mode 0600) and the token is never used again.
+    pub bootstrap_token_file: PathBuf,
+    /// Extra CA certificates (PEM) trusted for an https URL, e.g. a private control plane's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Seconds between status reports when nothing changes (a change reports at once).
+    #[serde(default = "default_report_interval")]
+    pub report_interval_secs: u64,
+    /// Seconds a command poll is held open by the control plane (long poll).
+    #[serde(default = "default_poll_wait")]
+    pub poll_wait_secs: u64,
+    /// Status reports kept while the control plane is unreachable; the oldest are dropped
+    /// beyond this (and counted in the next report).
+    #[serde(default = "default_report_queue")]
+    pub report_queue: usize,
+    /// Longest pause between retries while the control plane is unreachable (backoff with
+    /// jitter grows up to this).
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: u64,
+}
+
+fn default_report_interval() -> u64 {
+    5
+}
+
+fn default_poll_wait() -> u64 {
+    25
+}
+
+fn default_report_queue() -> usize {
+    64
+}
+
+fn default_max_backoff() -> u64 {
+    30
 }
 
 /// Which backend provides volumes and snapshots.
@@ -279,6 +329,24 @@ impl Config {
                      (use 127.0.0.1 or [::1] and let a local collector forward them)",
                     m.listen
                 ));
+            }
+        }
+        if let Some(cp) = &self.control_plane {
+            crate::http_client::JsonClient::new(&cp.url, None)
+                .map_err(|e| ConfigError::Invalid(format!("control_plane.url: {e}")))?;
+            if cp.report_interval_secs == 0 || cp.report_interval_secs > 3600 {
+                return bad("control_plane.report_interval_secs must be 1..=3600".into());
+            }
+            if cp.poll_wait_secs == 0 || cp.poll_wait_secs > crate::api::MAX_POLL_WAIT_SECS {
+                return bad(format!(
+                    "control_plane.poll_wait_secs must be 1..={}",
+                    crate::api::MAX_POLL_WAIT_SECS
+                ));
+            }
+            if cp.report_queue == 0 || cp.max_backoff_secs == 0 {
+                return bad(
+                    "control_plane.report_queue and max_backoff_secs must be positive".into(),
+                );
             }
         }
         if let Some(r) = &self.retention {

@@ -9,14 +9,18 @@
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
 //! - [`retention`]: which snapshots a tiered retention policy keeps.
 //! - [`api`]: the upward channel's JSON contract (gateway ↔ control plane).
+//! - [`upward`]: the gateway's connections to its control plane (register, poll, report).
 //! - [`agent`]: the reference agent that scans a source and streams its changes.
+//! - [`control_plane`]: `sync-control`, the reference control plane (API, state, console).
 
 pub mod agent;
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod control_plane;
 pub mod durable;
 pub mod http_client;
 pub mod protocol;
 pub mod retention;
 pub mod server;
+pub mod upward;

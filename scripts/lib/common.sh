@@ -240,17 +240,18 @@ wait_for_listen() {
     return 1
 }
 
-# release_binaries : builds sync-gateway and sync-agent in release mode; sets GATEWAY_BIN and
-# AGENT_BIN. Honours CARGO_TARGET_DIR. With SYNC_BIN_DIR set, uses the binaries found there
+# release_binaries : builds sync-gateway, sync-agent and sync-control in release mode; sets
+# GATEWAY_BIN, AGENT_BIN and CONTROL_BIN. Honours CARGO_TARGET_DIR. With SYNC_BIN_DIR set, uses the binaries found there
 # instead and builds nothing (to exercise installed or otherwise-built binaries).
 release_binaries() {
     if [[ -n "${SYNC_BIN_DIR:-}" ]]; then
         GATEWAY_BIN="$SYNC_BIN_DIR/sync-gateway"
         AGENT_BIN="$SYNC_BIN_DIR/sync-agent"
-        [[ -x "$GATEWAY_BIN" && -x "$AGENT_BIN" ]] ||
-            die "SYNC_BIN_DIR=$SYNC_BIN_DIR holds no executable sync-gateway and sync-agent"
+        CONTROL_BIN="$SYNC_BIN_DIR/sync-control"
+        [[ -x "$GATEWAY_BIN" && -x "$AGENT_BIN" && -x "$CONTROL_BIN" ]] ||
+            die "SYNC_BIN_DIR=$SYNC_BIN_DIR holds no executable sync-gateway, sync-agent and sync-control"
         info "using prebuilt binaries from SYNC_BIN_DIR=$SYNC_BIN_DIR (no build)"
-        export GATEWAY_BIN AGENT_BIN
+        export GATEWAY_BIN AGENT_BIN CONTROL_BIN
         return 0
     fi
     require_rust
@@ -266,7 +267,10 @@ release_binaries() {
     local target=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
     GATEWAY_BIN="$target/release/sync-gateway"
     AGENT_BIN="$target/release/sync-agent"
-    [[ -x "$GATEWAY_BIN" ]] || die "no $GATEWAY_BIN after the build"
-    [[ -x "$AGENT_BIN" ]] || die "no $AGENT_BIN after the build"
-    export GATEWAY_BIN AGENT_BIN
+    CONTROL_BIN="$target/release/sync-control"
+    local b
+    for b in "$GATEWAY_BIN" "$AGENT_BIN" "$CONTROL_BIN"; do
+        [[ -x "$b" ]] || die "no $b after the build"
+    done
+    export GATEWAY_BIN AGENT_BIN CONTROL_BIN
 }

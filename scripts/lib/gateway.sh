@@ -27,6 +27,58 @@ key_file = "$key"
 EOF
 }
 
+# write_gateway_config_cp FILE DATA_DIR CONTROL_URL TOKEN_FILE
+# A gateway on loopback managed by a control plane: no [[disks]], they arrive by command; a
+# loopback metrics port.
+write_gateway_config_cp() {
+    local file=$1 data_dir=$2 url=$3 token_file=$4
+    cat >"$file" <<EOF
+# written by $SCRIPT_NAME
+listen = "127.0.0.1:0"
+data_dir = "$data_dir"
+
+[backend]
+kind = "local"
+
+[log]
+format = "text"
+level = "info"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[control_plane]
+url = "$url"
+bootstrap_token_file = "$token_file"
+report_interval_secs = 2
+EOF
+}
+
+# start_control STATE_DIR LOG : starts `sync-control serve` on a free loopback port, waits for
+# STATE_DIR/listen.addr. Sets CONTROL_PID, CONTROL_ADDR and CONTROL_URL.
+start_control() {
+    local state_dir=$1 log=$2
+    mkdir -p "$state_dir"
+    rm -f "$state_dir/listen.addr"
+    # shellcheck disable=SC2153 # CONTROL_BIN is set by release_binaries
+    spawn "$CONTROL_BIN" serve --listen 127.0.0.1:0 --state-dir "$state_dir" --report-interval-secs 2 >>"$log" 2>&1
+    CONTROL_PID=$SPAWNED_PID
+    if ! wait_for_file "$state_dir/listen.addr" 20 "$CONTROL_PID"; then
+        show_log_tail "$log"
+        die "sync-control did not start (no $state_dir/listen.addr); log: $log"
+    fi
+    CONTROL_ADDR=$(<"$state_dir/listen.addr")
+    CONTROL_ADDR=${CONTROL_ADDR//[[:space:]]/}
+    CONTROL_URL="http://$CONTROL_ADDR"
+}
+
+# control STATE_DIR ARGS... : the sync-control command line against the local control plane
+control() {
+    local state_dir=$1
+    shift
+    "$CONTROL_BIN" --state-dir "$state_dir" --url "$CONTROL_URL" "$@"
+}
+
 # start_gateway CONFIG DATA_DIR LOG : starts `sync-gateway run`, waits for DATA_DIR/listen.addr.
 # Sets GATEWAY_PID and GATEWAY_ADDR.
 start_gateway() {

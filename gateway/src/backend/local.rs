@@ -301,6 +301,69 @@ impl LocalBackend {
     }
 
     /// Reads every snapshot's metadata, oldest first.
+    /// Instances launched from this data dir (those whose `instance.json` exists), oldest
+    /// first. An unreadable metadata file is skipped with a warning.
+    pub fn list_launches(&self) -> Result<Vec<LaunchInfo>, BackendError> {
+        let dir = self.data_dir.join("instances");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(BackendError::Io {
+                    disk: "*".into(),
+                    action: "list",
+                    path: dir,
+                    source,
+                })
+            }
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let meta = entry.path().join("instance.json");
+            match std::fs::read(&meta) {
+                Ok(b) => match serde_json::from_slice::<LaunchInfo>(&b) {
+                    Ok(info) => out.push(info),
+                    Err(e) => tracing::warn!(path = %meta.display(), error = %e,
+                        "unreadable instance metadata skipped"),
+                },
+                // Not written yet (launch in progress) or not an instance.
+                Err(_) => continue,
+            }
+        }
+        out.sort_by(|a, b| {
+            (a.created_unix_ms, &a.instance_id).cmp(&(b.created_unix_ms, &b.instance_id))
+        });
+        Ok(out)
+    }
+
+    /// Deletes the staging volume of `disk_id` (finalize). Snapshots are separate files and
+    /// stay. A volume already gone is not an error.
+    pub fn release_volume(&self, disk_id: &str) -> Result<(), BackendError> {
+        let path = self.volume_path(disk_id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(BackendError::Io {
+                    disk: disk_id.to_string(),
+                    action: "delete",
+                    path,
+                    source,
+                })
+            }
+        }
+        if let Some(parent) = path.parent() {
+            durable::sync_dir(parent).map_err(|source| BackendError::Io {
+                disk: disk_id.to_string(),
+                action: "sync directory of",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        tracing::info!(disk = %disk_id, path = %path.display(), "staging volume released");
+        Ok(())
+    }
+
     pub fn list_snapshots(&self, disk_id: Option<&str>) -> Result<Vec<SnapshotInfo>, BackendError> {
         let root = self.data_dir.join("snapshots");
         let dirs: Vec<PathBuf> = match disk_id {

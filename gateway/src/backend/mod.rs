@@ -270,6 +270,33 @@ impl Backend {
         }
     }
 
+    /// Instances launched by this gateway, oldest first.
+    pub async fn list_launches(&self) -> Result<Vec<LaunchInfo>, BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let b = b.clone();
+                blocking(move || b.list_launches()).await
+            }
+        }
+    }
+
+    /// Releases the staging volume of a finalized disk; its snapshots stay.
+    pub async fn release_volume(&self, disk_id: &str) -> Result<(), BackendError> {
+        match self {
+            Backend::Local(b) => {
+                let (b, id) = (b.clone(), disk_id.to_string());
+                blocking(move || b.release_volume(&id)).await
+            }
+        }
+    }
+
+    /// The backend's kind, as reported upward.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Local(_) => "local",
+        }
+    }
+
     /// SHA-256 of a snapshot's content.
     pub async fn snapshot_digest(&self, snap: &SnapshotInfo) -> Result<[u8; 32], BackendError> {
         match self {

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::DiskPhase;
 use crate::backend::{Snapshot, SnapshotInfo, Volume};
 use crate::durable::{self, DurablePoint, SeqRecord};
 use crate::protocol::auth::DiskKey;
@@ -72,6 +73,21 @@ impl DiskState {
             )));
         }
         self.record.store(p)
+    }
+
+    /// Deletes the state files of `disk_id` (finalize: a later assignment starts afresh).
+    pub fn remove_files(state_dir: &Path, disk_id: &str) -> std::io::Result<()> {
+        for name in [
+            format!("{disk_id}.seq"),
+            format!("{disk_id}.checkpoint.json"),
+        ] {
+            match std::fs::remove_file(state_dir.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        durable::sync_dir(state_dir)
     }
 
     /// Persists a completed checkpoint (before its durable point moves past it).
@@ -147,6 +163,11 @@ pub struct DiskStats {
     pub checkpoint_seq: AtomicU64,
     /// Wall-clock time of the last ack or checkpoint ack, Unix milliseconds (0: none yet).
     pub last_ack_unix_ms: AtomicU64,
+    /// Highest sequence number received (not necessarily durable yet).
+    pub received_seq: AtomicU64,
+    /// Set while the open session answers hash queries (delta resync); cleared by a checkpoint
+    /// and when the session ends.
+    pub rescanning: AtomicBool,
 }
 
 impl DiskStats {
@@ -157,11 +178,7 @@ impl DiskStats {
     /// Records a newly durable point and the time of its ack.
     pub fn acked(&self, durable_seq: u64) {
         self.durable_seq.fetch_max(durable_seq, Ordering::Relaxed);
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.last_ack_unix_ms.store(ms, Ordering::Relaxed);
+        self.last_ack_unix_ms.store(unix_ms(), Ordering::Relaxed);
     }
 
     /// Marks an authenticated session open until the returned guard drops (panics included).
@@ -209,6 +226,28 @@ pub struct Disk {
     in_flight: Mutex<Vec<Snapshot>>,
     /// Counters for the metrics port.
     pub stats: Arc<DiskStats>,
+    /// Where the disk is in its life (replicating, revoked, cut over).
+    phase: Mutex<DiskPhase>,
+    /// The newest session error: when (ms since the epoch), its code and message.
+    last_error: Mutex<Option<(u64, ErrorCode, String)>>,
+    /// The command queue of the active session's writer, for snapshots taken on command
+    /// between two writes. Weak, so the session's end still closes the channel.
+    writer: Mutex<Option<tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>>>,
+}
+
+/// Received data waiting this long for an ack makes the disk `stalled`.
+const STALL_AFTER_MS: u64 = 30_000;
+
+/// Where a disk's replication stands, as the status and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub state: crate::api::DiskState,
+    /// Bytes of the disk covered (all of it at a checkpoint).
+    pub replicated: u64,
+    /// Bytes the current pass has still to cover (0 at a checkpoint).
+    pub backlog: u64,
+    /// Age of the newest checkpoint's snapshot, seconds (none before the first).
+    pub lag_secs: Option<u64>,
 }
 
 /// A claim on a disk by a session that may still be superseded.
@@ -238,7 +277,120 @@ impl Disk {
             slot: Mutex::new(SessionSlot::default()),
             in_flight: Mutex::new(Vec::new()),
             stats: Arc::new(stats),
+            phase: Mutex::new(DiskPhase::Replicating),
+            last_error: Mutex::new(None),
+            writer: Mutex::new(None),
         }
+    }
+
+    /// Classifies the disk's replication, in this order of precedence:
+    ///
+    /// | state | when |
+    /// |---|---|
+    /// | `paused` | the key is revoked, or the disk is cut over |
+    /// | `stalled` | the last session failed on storage since the last ack, or received data has waited > 30 s for an ack |
+    /// | `rescan` | a connected agent is comparing block hashes (delta resync) |
+    /// | `creating-snapshot` | a snapshot's content is still being captured |
+    /// | `initial-sync` | an agent is connected and no checkpoint was reached yet |
+    /// | `backlog` | an agent is connected and streaming changes since the last checkpoint |
+    /// | `disconnected` | no agent, and the last pass stopped before its checkpoint |
+    /// | `initiating` | nothing received yet |
+    /// | `continuous` | at a checkpoint: every byte received is in a snapshot |
+    ///
+    /// Protocol v1 agents announce nothing about their backlog, so progress is what the gateway
+    /// sees: agents scan in ascending offsets, so the end of the newest durable write of the
+    /// current pass (`resume_offset`) is how far the pass has got, and the backlog is what lies
+    /// beyond it. Lag is the age of the newest checkpoint: what a launch now would lose.
+    pub fn progress(&self, now_ms: u64) -> Progress {
+        use crate::api::DiskState as S;
+        let (point, ckpt_created) = {
+            let st = self.state();
+            (
+                st.point(),
+                st.checkpoint().map(|c| c.snapshot.created_unix_ms),
+            )
+        };
+        let stats = &self.stats;
+        let connected = stats.connected();
+        let has_ckpt = ckpt_created.is_some();
+        let last_ack = stats.last_ack_unix_ms.load(Ordering::Relaxed);
+        let received_seq = stats.received_seq.load(Ordering::Relaxed);
+        let at_checkpoint = has_ckpt && point.seq == point.checkpoint_seq;
+        let storage_failed = matches!(
+            self.last_error(),
+            Some((at, ErrorCode::Storage, _)) if at >= last_ack
+        );
+        let unacked_too_long = connected
+            && received_seq > point.seq
+            && now_ms.saturating_sub(last_ack) > STALL_AFTER_MS;
+        let state = if self.phase() != DiskPhase::Replicating || self.is_revoked() {
+            S::Paused
+        } else if storage_failed || unacked_too_long {
+            S::Stalled
+        } else if connected && stats.rescanning.load(Ordering::Relaxed) {
+            S::Rescan
+        } else if !self.snapshots_in_flight().is_empty() {
+            S::CreatingSnapshot
+        } else if connected && !has_ckpt {
+            S::InitialSync
+        } else if connected && !at_checkpoint {
+            S::Backlog
+        } else if !at_checkpoint && (point.seq > 0 || has_ckpt) {
+            S::Disconnected
+        } else if !has_ckpt {
+            S::Initiating
+        } else {
+            S::Continuous
+        };
+        let (replicated, backlog) = if at_checkpoint {
+            (self.size, 0)
+        } else {
+            let done = point.resume_offset.min(self.size);
+            (done, self.size - done)
+        };
+        Progress {
+            state,
+            replicated,
+            backlog,
+            lag_secs: ckpt_created.map(|c| now_ms.saturating_sub(c) / 1000),
+        }
+    }
+
+    /// Where the disk is in its life.
+    pub fn phase(&self) -> DiskPhase {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_phase(&self, phase: DiskPhase) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    }
+
+    /// Records how the newest failed session ended.
+    pub fn set_last_error(&self, code: ErrorCode, message: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((unix_ms(), code, message.to_string()));
+    }
+
+    /// The newest session error: time (ms since the epoch), code, message.
+    pub fn last_error(&self) -> Option<(u64, ErrorCode, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Publishes (or clears) the active session's writer queue.
+    pub fn set_writer(&self, w: Option<tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>>) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    /// The active session's writer queue, while one runs.
+    pub fn writer(&self) -> Option<tokio::sync::mpsc::Sender<super::writer::WriterCmd>> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|w| w.upgrade())
     }
 
     /// Snapshots still being filled (finished ones are dropped from the list here).
@@ -322,6 +474,14 @@ pub struct DiskRegistry {
 }
 
 impl DiskRegistry {
+    /// Stops serving a disk (finalize).
+    pub fn remove(&self, id: &str) -> Option<Arc<Disk>> {
+        self.disks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
     pub fn insert(&self, disk: Disk) {
         self.disks
             .write()
@@ -354,4 +514,12 @@ impl DiskRegistry {
             .cloned()
             .collect()
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

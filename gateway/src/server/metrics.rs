@@ -36,6 +36,9 @@
 //! | `sync_gateway_disk_durable_seq` | gauge | `disk` |
 //! | `sync_gateway_disk_checkpoint_seq` | gauge | `disk` |
 //! | `sync_gateway_disk_last_ack_timestamp_seconds` | gauge (0: none) | `disk` |
+//! | `sync_gateway_disk_state` | gauge (1 for the current state) | `disk`, `state` |
+//! | `sync_gateway_disk_lag_seconds` | gauge | `disk` |
+//! | `sync_gateway_disk_backlog_bytes` | gauge | `disk` |
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -323,6 +326,54 @@ pub fn render(sources: &Sources) -> String {
         for d in &disks {
             sample(&mut out, name, &[("disk", &d.id)], &read(&d.stats));
         }
+    }
+    let now_ms = super::disk::unix_ms();
+    let progress: Vec<_> = disks.iter().map(|d| (d, d.progress(now_ms))).collect();
+    family(
+        &mut out,
+        "sync_gateway_disk_state",
+        "gauge",
+        "Replication state of the disk: 1 for the current state, 0 for the others.",
+    );
+    for (d, p) in &progress {
+        for s in crate::api::DiskState::ALL {
+            sample(
+                &mut out,
+                "sync_gateway_disk_state",
+                &[("disk", &d.id), ("state", s.as_str())],
+                if *s == p.state { "1" } else { "0" },
+            );
+        }
+    }
+    family(
+        &mut out,
+        "sync_gateway_disk_lag_seconds",
+        "gauge",
+        "Age of the newest checkpoint's snapshot (absent before the first checkpoint).",
+    );
+    for (d, p) in &progress {
+        if let Some(lag) = p.lag_secs {
+            sample(
+                &mut out,
+                "sync_gateway_disk_lag_seconds",
+                &[("disk", &d.id)],
+                &lag.to_string(),
+            );
+        }
+    }
+    family(
+        &mut out,
+        "sync_gateway_disk_backlog_bytes",
+        "gauge",
+        "Bytes of the disk the current pass has still to cover (0 at a checkpoint).",
+    );
+    for (d, p) in &progress {
+        sample(
+            &mut out,
+            "sync_gateway_disk_backlog_bytes",
+            &[("disk", &d.id)],
+            &p.backlog.to_string(),
+        );
     }
     family(
         &mut out,

@@ -10,6 +10,7 @@
 //! waits for that up to `limits.drain_timeout_secs`. The metrics port (when configured) stops
 //! on the same token.
 
+pub mod control;
 pub mod disk;
 pub mod metrics;
 pub mod session;
@@ -30,6 +31,7 @@ use crate::backend::{Backend, BackendError, BufferPool};
 use crate::config::{Config, ConfigError, Limits};
 use crate::durable;
 use crate::protocol::ErrorCode;
+pub use control::{Control, LivePolicy};
 use disk::{Disk, DiskRegistry, DiskState};
 use metrics::GatewayStats;
 
@@ -70,8 +72,8 @@ pub struct Shared {
     pub cancel: CancellationToken,
     /// Gateway-wide counters for the metrics port.
     pub stats: Arc<GatewayStats>,
-    /// Snapshot retention, when configured.
-    pub retention: Option<crate::retention::RetentionPolicy>,
+    /// Retention and bandwidth, changeable at run time by the control plane.
+    pub policy: Arc<LivePolicy>,
 }
 
 /// Prunes one disk's snapshots by the configured policy, in the background; failures are
@@ -202,60 +204,6 @@ async fn open_disk(
     Ok(disk)
 }
 
-/// Changes the set of disks and keys of a running gateway: what the control plane's assign
-/// and revoke commands call.
-#[derive(Debug, Clone)]
-pub struct Control {
-    shared: Arc<Shared>,
-    state_dir: std::path::PathBuf,
-}
-
-impl Control {
-    /// Serves disk `id` of `size` bytes to the agent holding `key`. A disk already served keeps
-    /// its volume and state and takes the new key (so re-assigning is how a key is rotated);
-    /// its size must not change.
-    pub async fn assign_disk(
-        &self,
-        id: &str,
-        size: u64,
-        key: crate::protocol::auth::DiskKey,
-    ) -> Result<(), GatewayError> {
-        if !crate::protocol::valid_disk_id(id) || size == 0 {
-            return Err(GatewayError::Config(ConfigError::Invalid(format!(
-                "cannot assign disk {id:?} of {size} bytes: bad id or size"
-            ))));
-        }
-        if let Some(disk) = self.shared.disks.get(id) {
-            if disk.size != size {
-                return Err(GatewayError::Config(ConfigError::Invalid(format!(
-                    "disk {id} is {} bytes; it cannot be re-assigned as {size}",
-                    disk.size
-                ))));
-            }
-            disk.set_key(key);
-            info!(disk = %id, "disk re-assigned: new agent key");
-            return Ok(());
-        }
-        let disk = open_disk(&self.shared.backend, &self.state_dir, id, size, key).await?;
-        self.shared.disks.insert(disk);
-        info!(disk = %id, size, "disk assigned");
-        Ok(())
-    }
-
-    /// Revokes the agent key of disk `id`: its open session ends with `revoked` and the key no
-    /// longer authenticates. Returns false for an unknown disk.
-    pub fn revoke(&self, id: &str) -> bool {
-        match self.shared.disks.get(id) {
-            Some(disk) => {
-                disk.revoke();
-                info!(disk = %id, "agent key revoked");
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// Opens every configured disk, then serves agents until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), GatewayError> {
     run_with_control(config, cancel, None).await
@@ -275,12 +223,15 @@ pub async fn run_with_control(
     let backend = Arc::new(Backend::from_config(&config));
     let disks = Arc::new(DiskRegistry::default());
     let state_dir = config.data_dir.join("state");
+    durable::create_dir_all_durable(&state_dir).map_err(|source| GatewayError::Write {
+        path: state_dir.display().to_string(),
+        source,
+    })?;
     for (dc, key) in config.load_keys()? {
         disks.insert(open_disk(&backend, &state_dir, &dc.id, dc.size_bytes, key).await?);
     }
-    if disks.is_empty() {
-        warn!("no disks configured: every agent will be refused with unknown_disk");
-    }
+    let policy = LivePolicy::load(&state_dir, config.retention.clone())
+        .map_err(|m| GatewayError::Config(ConfigError::Invalid(m)))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| GatewayError::Bind {
@@ -300,13 +251,6 @@ pub async fn run_with_control(
             None
         }
     };
-    let addr_file = config.data_dir.join("listen.addr");
-    durable::atomic_write(&addr_file, format!("{local}\n").as_bytes(), 0o644).map_err(
-        |source| GatewayError::Write {
-            path: addr_file.display().to_string(),
-            source,
-        },
-    )?;
     let limits = config.limits.clone();
     let block = limits.max_block_bytes as usize;
     let shared = Arc::new(Shared {
@@ -320,10 +264,27 @@ pub async fn run_with_control(
         limits,
         cancel: cancel.clone(),
         stats: Arc::new(GatewayStats::default()),
-        retention: config.retention.clone(),
+        policy: Arc::new(policy),
     });
-    if let Some(policy) = shared.retention.clone() {
-        // Time-based expiry also happens while no checkpoint arrives.
+    // Disks assigned by command in an earlier run come back before agents are accepted.
+    let control = Control::restore(shared.clone(), state_dir.clone()).await?;
+    if shared.disks.is_empty() {
+        if config.control_plane.is_some() {
+            info!("no disks yet: they arrive by command from the control plane");
+        } else {
+            warn!("no disks configured: every agent will be refused with unknown_disk");
+        }
+    }
+    let addr_file = config.data_dir.join("listen.addr");
+    durable::atomic_write(&addr_file, format!("{local}\n").as_bytes(), 0o644).map_err(
+        |source| GatewayError::Write {
+            path: addr_file.display().to_string(),
+            source,
+        },
+    )?;
+    {
+        // Time-based expiry also happens while no checkpoint arrives, and for finalized disks
+        // whose snapshots outlive them.
         let (shared, cancel) = (shared.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -332,11 +293,19 @@ pub async fn run_with_control(
                     _ = cancel.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                for disk in shared.disks.all() {
+                let Some(policy) = shared.policy.retention() else {
+                    continue;
+                };
+                let mut ids: std::collections::BTreeSet<String> =
+                    shared.disks.all().iter().map(|d| d.id.clone()).collect();
+                if let Ok(all) = shared.backend.list_snapshots(None).await {
+                    ids.extend(all.into_iter().map(|s| s.disk_id));
+                }
+                for id in ids {
                     spawn_prune(
                         &tokio::runtime::Handle::current(),
                         shared.backend.clone(),
-                        disk.id.clone(),
+                        id,
                         policy.clone(),
                     );
                 }
@@ -352,11 +321,18 @@ pub async fn run_with_control(
     });
     info!(addr = %local, disks = shared.disks.len(), version = env!("CARGO_PKG_VERSION"),
         "sync-gateway listening");
+    let upward_task = config.control_plane.clone().map(|cp| {
+        let status = crate::upward::StatusSource::new(control.clone(), local.port());
+        tokio::spawn(crate::upward::run(
+            cp,
+            config.data_dir.clone(),
+            control.clone(),
+            status,
+            cancel.clone(),
+        ))
+    });
     if let Some(ready) = ready {
-        let _ = ready.send(Control {
-            shared: shared.clone(),
-            state_dir: state_dir.clone(),
-        });
+        let _ = ready.send(control.clone());
     }
 
     let conn_permits = Arc::new(Semaphore::new(shared.limits.max_connections));
@@ -411,6 +387,10 @@ pub async fn run_with_control(
     }
     if let Some(task) = metrics_task {
         let _ = task.await;
+    }
+    if let Some(task) = upward_task {
+        // It races the same token; give it a moment to post a last report.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     info!("sync-gateway stopped");
     Ok(())

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::disk::{Disk, DiskStats};
 use super::writer::{verify, Writer, WriterCmd};
 use super::{SessionError, Shared};
+use crate::agent::throttle::Throttle;
 use crate::protocol::auth::{self, Transcript};
 use crate::protocol::{self, ErrorCode, Frame, FrameCodec, Welcome, PREAMBLE};
 
@@ -45,6 +46,20 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     if let Err(e) = outcome {
         warn!(%peer, code = %e.code, error = %e.message, "session failed");
         disk.stats.errors.record(e.code);
+        disk.set_last_error(e.code, &e.message);
+    }
+    disk.stats.rescanning.store(false, Ordering::Relaxed);
+    shared.policy.changed.notify_one();
+}
+
+/// Why a disk's key no longer works, for the agent.
+fn revoked_message(disk: &Disk) -> String {
+    match disk.phase() {
+        crate::api::DiskPhase::CutOver => format!(
+            "disk {}: cut over to a cloud instance; replication of this disk has stopped",
+            disk.id
+        ),
+        _ => format!("disk {}: the agent key was revoked", disk.id),
     }
 }
 
@@ -153,7 +168,7 @@ async fn handshake(
     let Some(key) = disk.key() else {
         return Err(SessionError::peer(
             ErrorCode::Revoked,
-            format!("disk {}: the agent key was revoked", disk.id),
+            revoked_message(&disk),
         ));
     };
     if !auth::verify_agent(&key, &transcript, &mac) {
@@ -264,7 +279,10 @@ async fn stream_disk(
         Duration::from_millis(shared.limits.sync_linger_ms),
         failed.clone(),
     );
-    writer.retention = shared.retention.clone();
+    writer.policy = Some(shared.policy.clone());
+    // Snapshots on command go through this writer while the session lasts.
+    disk.set_writer(Some(cmd_tx.downgrade()));
+    shared.policy.changed.notify_one();
     let writer_busy = writer.busy.clone();
     let draining = writer.draining.clone();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -286,10 +304,13 @@ async fn stream_disk(
     let conn_budget = Arc::new(tokio::sync::Semaphore::new(
         shared.limits.connection_inflight_bytes as usize,
     ));
+    // The policy's bandwidth cap, applied to what this session reads: a paused reader fills
+    // the agent's window, which slows the agent.
+    let mut pacer: Option<(u64, Throttle)> = None;
     let read_result: Result<(), SessionError> = loop {
         let frame = tokio::select! {
             _ = claim.token.cancelled() => break Err(if disk.is_revoked() {
-                SessionError::peer(ErrorCode::Revoked, format!("disk {}: the agent key was revoked", disk.id))
+                SessionError::peer(ErrorCode::Revoked, revoked_message(&disk))
             } else if shared.cancel.is_cancelled() {
                 SessionError::peer(ErrorCode::ShuttingDown, "gateway is shutting down")
             } else {
@@ -335,6 +356,21 @@ async fn stream_disk(
                     ));
                 }
                 last_seq = d.seq;
+                disk.stats.received_seq.fetch_max(d.seq, Ordering::Relaxed);
+                match shared.policy.bandwidth() {
+                    0 => pacer = None,
+                    rate => {
+                        if pacer.as_ref().map(|p| p.0) != Some(rate) {
+                            pacer = Some((rate, Throttle::new(rate)));
+                        }
+                        if let Some((_, t)) = pacer.as_mut() {
+                            tokio::select! {
+                                _ = claim.token.cancelled() => continue,
+                                _ = t.consume(d.payload.len() + protocol::frame::DATA_HEADER_LEN) => {}
+                            }
+                        }
+                    }
+                }
                 bytes_in += d.payload.len() as u64;
                 DiskStats::add(&disk.stats.bytes_received, d.payload.len() as u64);
                 // Weigh the block by what it will occupy once decompressed.
@@ -398,6 +434,7 @@ async fn stream_disk(
 
     // Drain: the writer makes everything received durable and acks it, then stops.
     draining.store(true, Ordering::Relaxed);
+    disk.set_writer(None);
     drop(cmd_tx);
     let drain = Duration::from_secs(shared.limits.drain_timeout_secs);
     let (stats, write_result) = match tokio::time::timeout(drain, done_rx).await {

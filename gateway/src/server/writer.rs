@@ -112,6 +112,12 @@ pub enum WriterCmd {
     Checkpoint(Checkpoint),
     /// Delta resync: hash blocks of the volume (after every earlier write) and answer.
     HashQuery(HashQuery),
+    /// A snapshot on command (not at an agent checkpoint): every earlier write is made durable
+    /// first, later ones wait until it is initiated.
+    Snapshot {
+        label: String,
+        reply: tokio::sync::oneshot::Sender<Result<crate::backend::Snapshot, String>>,
+    },
 }
 
 /// Counters reported when the session ends.
@@ -150,8 +156,8 @@ pub struct Writer {
     /// error once and may drop the dirty pages, so a later sync that succeeds proves nothing:
     /// nothing pending in this writer is ever acked after that.
     sync_failed: bool,
-    /// Snapshot retention to apply after each checkpoint, when configured.
-    pub retention: Option<crate::retention::RetentionPolicy>,
+    /// The gateway's live policy: snapshot retention is applied after each checkpoint.
+    pub policy: Option<Arc<super::LivePolicy>>,
 }
 
 impl Writer {
@@ -183,7 +189,7 @@ impl Writer {
             unsynced: 0,
             pending: None,
             sync_failed: false,
-            retention: None,
+            policy: None,
         }
     }
 
@@ -263,6 +269,15 @@ impl Writer {
                 }
                 Some(WriterCmd::Checkpoint(c)) => self.checkpoint(c)?,
                 Some(WriterCmd::HashQuery(q)) => self.hash_query(q)?,
+                Some(WriterCmd::Snapshot { label, reply }) => {
+                    let r = self.snapshot_on_command(label);
+                    let answer = match &r {
+                        Ok(s) => Ok(s.clone()),
+                        Err(e) => Err(e.message.clone()),
+                    };
+                    let _ = reply.send(answer);
+                    r?;
+                }
             }
         }
         Ok(true)
@@ -379,6 +394,7 @@ impl Writer {
         }
         self.stats.hash_queries += 1;
         DiskStats::add(&self.disk.stats.hash_queries, 1);
+        self.disk.stats.rescanning.store(true, Ordering::Relaxed);
         let _ = self.rt.block_on(self.out.send(Frame::HashReply(HashReply {
             offset: q.offset,
             block_size: q.block_size,
@@ -460,6 +476,7 @@ impl Writer {
             .checkpoint_seq
             .store(c.seq, std::sync::atomic::Ordering::Relaxed);
         self.disk.stats.acked(c.seq);
+        self.disk.stats.rescanning.store(false, Ordering::Relaxed);
         tracing::info!(disk = %self.disk.id, seq = c.seq, label = %c.label,
             snapshot = %record.snapshot.id, method = %record.snapshot.method,
             ms = started.elapsed().as_millis() as u64, "checkpoint: snapshot initiated");
@@ -490,14 +507,34 @@ impl Writer {
                 digest,
                 snapshot_id: record.snapshot.id.clone(),
             })));
-        if let Some(policy) = &self.retention {
-            super::spawn_prune(
-                &self.rt,
-                self.backend.clone(),
-                self.disk.id.clone(),
-                policy.clone(),
-            );
+        if let Some(policy) = self.policy.as_ref().and_then(|p| p.retention()) {
+            super::spawn_prune(&self.rt, self.backend.clone(), self.disk.id.clone(), policy);
+        }
+        if let Some(p) = &self.policy {
+            p.changed.notify_one();
         }
         Ok(())
+    }
+
+    /// Makes every earlier write durable and initiates a snapshot of the volume as it is now.
+    /// Not a checkpoint: the agent's resume point and checkpoint are unchanged.
+    fn snapshot_on_command(
+        &mut self,
+        label: String,
+    ) -> Result<crate::backend::Snapshot, SessionError> {
+        self.sync_and_ack()?;
+        let req = SnapshotRequest {
+            disk_id: self.disk.id.clone(),
+            label,
+            checkpoint_seq: self.point.seq,
+        };
+        let handle = self
+            .rt
+            .block_on(self.backend.begin_snapshot(self.disk.volume.clone(), req))
+            .map_err(|e| SessionError::storage(format!("snapshot failed: {e}")))?;
+        self.disk.add_snapshot_in_flight(handle.clone());
+        tracing::info!(disk = %self.disk.id, snapshot = %handle.info().id,
+            seq = self.point.seq, "snapshot on command initiated");
+        Ok(handle)
     }
 }
