@@ -648,90 +648,14 @@ fn the_command_line_drives_the_control_plane() {
 
 #[test]
 fn https_with_a_private_ca() {
-    // The certificates come from the openssl command line; without it there is nothing to test.
-    if std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_err()
-    {
-        eprintln!("openssl not found: skipping the TLS test");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
-    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
-    std::fs::write(
-        d("ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for args in [
-        [
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                &d("ca.key"),
-                "-out",
-                &d("ca.pem"),
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test CA",
-            ],
-        ]
-        .concat(),
-        [
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                &d("key.pem"),
-                "-out",
-                &d("leaf.csr"),
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &d("leaf.csr"),
-            "-CA",
-            &d("ca.pem"),
-            "-CAkey",
-            &d("ca.key"),
-            "-CAcreateserial",
-            "-out",
-            &d("cert.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &d("ext"),
-        ],
-    ] {
-        let out = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let cp = ControlPlane::start_with(&["--tls-cert", &d("cert.pem"), "--tls-key", &d("key.pem")]);
+    let certs = control::make_test_certs(dir.path());
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let cp =
+        ControlPlane::start_with(&["--tls-cert", &s(&certs.cert), "--tls-key", &s(&certs.key)]);
     let url = std::fs::read_to_string(cp.state_dir.join("listen.url")).unwrap();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    let token = cp.cli_ok(&["--ca-file", &d("ca.pem"), "gateway", "bootstrap-token"]);
+    let token = cp.cli_ok(&["--ca-file", &s(&certs.ca), "gateway", "bootstrap-token"]);
     assert_eq!(token.trim().len(), 64);
     let untrusted = cp.cli(&["status"]);
     assert_eq!(untrusted.status.code(), Some(1), "{}", untrusted.describe());

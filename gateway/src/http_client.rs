@@ -30,7 +30,9 @@ pub enum HttpError {
     InvalidUrl { url: String, reason: String },
     #[error("cannot read CA file {path}: {reason}")]
     CaFile { path: PathBuf, reason: String },
-    #[error("{method} {url}: {source}")]
+    /// The source chain is in the message: hyper's own error says only "client error
+    /// (Connect)"; the reason (refused, certificate unknown, …) is in its sources.
+    #[error("{method} {url}: {}", chain(source))]
     Transport {
         method: Method,
         url: String,
@@ -270,6 +272,21 @@ impl JsonClient {
     }
 }
 
+/// An error and its sources, joined by ": ".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 fn status_code_name(status: StatusCode) -> String {
     status
         .canonical_reason()
@@ -315,5 +332,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("refused"), "the cause is named: {e}");
     }
 }

@@ -466,3 +466,95 @@ pub fn control_plane_toml(url: &str, token_file: &Path) -> String {
         token_file.display()
     )
 }
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it, made with the openssl
+/// command line (which `scripts/test` installs): `DIR/ca.pem`, `DIR/cert.pem`, `DIR/key.pem`.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn make_test_certs(dir: &Path) -> TestCerts {
+    let d = |f: &str| dir.join(f).to_str().expect("utf-8 path").to_string();
+    std::fs::write(
+        d("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write ext");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<String>; 3] = [
+        [&["req", "-x509"][..], &ec[..]]
+            .concat()
+            .into_iter()
+            .map(String::from)
+            .chain([
+                "-keyout".into(),
+                d("ca.key"),
+                "-out".into(),
+                d("ca.pem"),
+                "-days".into(),
+                "2".into(),
+                "-subj".into(),
+                "/CN=test CA".into(),
+            ])
+            .collect(),
+        [&["req"][..], &ec[..]]
+            .concat()
+            .into_iter()
+            .map(String::from)
+            .chain([
+                "-keyout".into(),
+                d("key.pem"),
+                "-out".into(),
+                d("leaf.csr"),
+                "-subj".into(),
+                "/CN=127.0.0.1".into(),
+            ])
+            .collect(),
+        [
+            "x509",
+            "-req",
+            "-in",
+            &d("leaf.csr"),
+            "-CA",
+            &d("ca.pem"),
+            "-CAkey",
+            &d("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &d("cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &d("ext"),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run openssl ({e}): scripts/test installs it (apt package openssl)")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    TestCerts {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    }
+}
