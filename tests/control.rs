@@ -93,3 +93,67 @@ fn assign_revoke_and_reassign_a_disk_at_run_time() {
     cancel.cancel();
     rt.block_on(server).unwrap().unwrap();
 }
+
+/// What a command does to a `[[disks]]` disk outlives a restart: a revoked config key stays
+/// revoked (the config still names it), and a rotated key stays rotated.
+#[test]
+fn revoke_and_rotation_of_a_config_disk_survive_a_restart() {
+    let t = TestDir::new("control-config-disk");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let size = 4 * MIB;
+    let src = t.source_path("cfg-1");
+    make_image(&src, size, 52);
+    let key = t.key_path("cfg-1");
+    let k1 = write_key(&key, 11);
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[backend]\nkind = \"local\"\n\
+         [[disks]]\nid = \"cfg-1\"\nsize_bytes = {size}\nkey_file = \"{}\"\n",
+        t.data_dir().display(),
+        key.display()
+    );
+    let start = || {
+        let config = Config::from_toml(&toml, "test", Vec::new()).unwrap();
+        let cancel = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Control>();
+        let server = rt.spawn(run_with_control(config, cancel.clone(), Some(tx)));
+        let control = rt.block_on(rx).expect("gateway started");
+        let addr = std::fs::read_to_string(t.data_dir().join("listen.addr")).unwrap();
+        (control, cancel, server, addr.trim().to_string())
+    };
+    let stop = |cancel: CancellationToken, server: tokio::task::JoinHandle<_>| {
+        cancel.cancel();
+        let r: Result<(), sync_gateway::server::GatewayError> = rt.block_on(server).unwrap();
+        r.unwrap();
+    };
+
+    let (control, cancel, server, addr) = start();
+    let agent = |addr: &str| AgentCmd::new(addr, "cfg-1", &key, &t.state_dir("cfg-1"), &src);
+    agent(&addr).run(Duration::from_secs(60)).expect_verified();
+    assert!(control.revoke("cfg-1"));
+    stop(cancel, server);
+
+    // Restarted with the same config (and key file): still revoked.
+    let (control, cancel, server, addr) = start();
+    let refused = agent(&addr).retry_timeout(5).run(Duration::from_secs(60));
+    assert!(!refused.status.success(), "{}", refused.describe());
+    assert!(refused.stderr.contains("revoked"), "{}", refused.describe());
+
+    // Rotated by command: the new key works, and still does after a restart; the config's
+    // key file (k1) does not.
+    let k2 = sync_gateway::protocol::auth::DiskKey::generate();
+    rt.block_on(control.assign_disk("cfg-1", size, k2.clone()))
+        .unwrap();
+    stop(cancel, server);
+    let (_control, cancel, server, addr) = start();
+    let old = agent(&addr).retry_timeout(5).run(Duration::from_secs(60));
+    assert!(!old.status.success(), "{}", old.describe());
+    std::fs::write(&key, format!("{}\n", k2.to_hex())).unwrap();
+    apply_scattered_changes(&src, 5, 12);
+    agent(&addr).run(Duration::from_secs(60)).expect_verified();
+    let _ = k1;
+    stop(cancel, server);
+}

@@ -475,3 +475,56 @@ fn the_gateway_registers_over_https_with_a_private_ca() {
         },
     );
 }
+
+/// Cutover stops replication before it picks the point to launch: mid-pass it launches from the
+/// last checkpoint (never from a torn volume) and says so; without any checkpoint it refuses and
+/// replication resumes.
+#[test]
+fn cutover_mid_pass_launches_the_last_checkpoint_and_refuses_without_one() {
+    let _serial = serial();
+    let t = TestDir::new("upward-cutover-mid-pass");
+    let cp = ControlPlane::start_in(&t.path("control"), &[]);
+    let gw = start_gateway(&t, &cp.url, &cp.bootstrap_token(), false);
+    let gw_id = gateway_id(&cp);
+
+    // No checkpoint yet: refused, and the disk still replicates afterwards.
+    let size = 16 * MIB;
+    let src = t.source_path("d6");
+    make_image(&src, size, 86);
+    let key = t.key_path("d6");
+    wait_command(
+        &cp,
+        &assign(&cp, &gw_id, "d6", size, &key),
+        Duration::from_secs(60),
+    );
+    let out = cp.cli(&["cutover", "--disk-id", "d6"]);
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(out.stdout.contains("no checkpoint"), "{}", out.describe());
+    let agent = AgentCmd::new(gw.addr, "d6", &key, &t.state_dir("d6"), &src);
+    agent.run(Duration::from_secs(120)).expect_verified();
+
+    // Mid-pass: the checkpoint's content is launched, not the half-written volume.
+    let at_checkpoint = t.path("d6-at-checkpoint.img");
+    std::fs::copy(&src, &at_checkpoint).unwrap();
+    apply_scattered_changes(&src, 50, 9);
+    let running = agent.clone().bandwidth("1M").retry_timeout(30).spawn();
+    wait_disk_state(&cp, "d6", DiskState::Backlog);
+    let view = cp.cli_json(&["cutover", "--disk-id", "d6"]);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let message = view["result"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("stopped before its checkpoint"),
+        "{message}"
+    );
+    let instance = view["result"]["output"]["launch"]["instance_id"]
+        .as_str()
+        .unwrap();
+    assert_same_file(
+        &t.data_dir().join(format!("instances/{instance}/d6.img")),
+        &at_checkpoint,
+        "instance launched mid-pass",
+    );
+    let ended = running.wait(Duration::from_secs(60));
+    assert!(!ended.status.success(), "{}", ended.describe());
+    assert!(ended.stderr.contains("cut over"), "{}", ended.describe());
+}

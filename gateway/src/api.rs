@@ -64,10 +64,87 @@ pub mod codes {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Secrets stay out of `Debug` (and so out of any log line that formats these types).
+
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("bootstrap_token", &REDACTED)
+            .field("hostname", &self.hostname)
+            .field("version", &self.version)
+            .field("backend", &self.backend)
+            .field("data_port", &self.data_port)
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("gateway_id", &self.gateway_id)
+            .field("credential", &REDACTED)
+            .field("report_interval_secs", &self.report_interval_secs)
+            .field("poll_wait_secs", &self.poll_wait_secs)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AssignDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssignDisk")
+            .field("disk_id", &self.disk_id)
+            .field("size_bytes", &self.size_bytes)
+            .field("agent_key", &REDACTED)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AssignResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssignResponse")
+            .field("gateway_id", &self.gateway_id)
+            .field("disk_id", &self.disk_id)
+            .field("size_bytes", &self.size_bytes)
+            .field("agent_key", &REDACTED)
+            .field("command_id", &self.command_id)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for BootstrapToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapToken")
+            .field("token", &REDACTED)
+            .field("expires_unix_ms", &self.expires_unix_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `assign_disk` carries an agent key in its args.
+        let args: &dyn std::fmt::Debug = if self.kind == kinds::ASSIGN_DISK {
+            &REDACTED
+        } else {
+            &self.args
+        };
+        f.debug_struct("Command")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("args", args)
+            .field("issued_unix_ms", &self.issued_unix_ms)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Registration
 
 /// `POST /v1/register`: the gateway's first call, with the one-time bootstrap token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterRequest {
     pub bootstrap_token: String,
     /// Host name of the gateway VM (for people).
@@ -93,7 +170,7 @@ pub struct IdentityDocument {
 }
 
 /// Answer to a registration: who the gateway is from now on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
     pub gateway_id: String,
     /// The gateway's own bearer credential. Shown once; the control plane keeps only a hash.
@@ -117,7 +194,7 @@ pub struct CommandBatch {
 
 /// One command. `args` is interpreted by `kind` (see [`Action::parse`]); keeping it raw on the
 /// wire lets a gateway answer a kind it does not know instead of failing the whole batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     pub id: String,
     pub kind: String,
@@ -151,7 +228,7 @@ pub mod kinds {
 
 /// `assign_disk`: provision a volume for the disk and accept the agent holding `agent_key`.
 /// Assigning a disk the gateway already has rotates its key (the size must not change).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignDisk {
     pub disk_id: String,
     pub size_bytes: u64,
@@ -403,9 +480,9 @@ pub struct DiskStatus {
     pub bytes_replicated: u64,
     /// Bytes of the disk the current pass has still to cover (0 at a checkpoint).
     pub bytes_backlogged: u64,
-    /// Bytes received from agents since the gateway started (after decompression).
+    /// Payload bytes received from agents since the gateway started (as sent: compressed).
     pub bytes_received: u64,
-    /// Receive rate over the last report interval, bytes per second.
+    /// Disk bytes written or zeroed per second over the last report interval.
     pub throughput_bytes_per_sec: u64,
     /// Time to cover the backlog at the current throughput; absent when idle or unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -467,7 +544,7 @@ impl From<&crate::backend::SnapshotInfo> for SnapshotSummary {
 // Operator API (sync-control)
 
 /// `POST /v1/bootstrap-tokens` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootstrapToken {
     pub token: String,
     pub expires_unix_ms: u64,
@@ -482,7 +559,7 @@ pub struct AssignRequest {
 }
 
 /// Answer to an assignment: the key to give the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignResponse {
     pub gateway_id: String,
     pub disk_id: String,
@@ -642,6 +719,60 @@ mod tests {
         };
         let e = Action::parse(&cmd).unwrap_err();
         assert!(e.contains("bad args"), "{e}");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let secret = "5ec2e7".repeat(8);
+        let cmd = Action::AssignDisk(AssignDisk {
+            disk_id: "d".into(),
+            size_bytes: 1,
+            agent_key: secret.clone(),
+        })
+        .to_command("c".into(), 0);
+        let shown = [
+            format!("{cmd:?}"),
+            format!(
+                "{:?}",
+                RegisterRequest {
+                    bootstrap_token: secret.clone(),
+                    hostname: "h".into(),
+                    version: "v".into(),
+                    backend: "local".into(),
+                    data_port: 1,
+                    identity: None,
+                }
+            ),
+            format!(
+                "{:?}",
+                RegisterResponse {
+                    gateway_id: "g".into(),
+                    credential: secret.clone(),
+                    report_interval_secs: 1,
+                    poll_wait_secs: 1,
+                }
+            ),
+            format!(
+                "{:?}",
+                AssignResponse {
+                    gateway_id: "g".into(),
+                    disk_id: "d".into(),
+                    size_bytes: 1,
+                    agent_key: secret.clone(),
+                    command_id: "c".into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                BootstrapToken {
+                    token: secret.clone(),
+                    expires_unix_ms: 0,
+                }
+            ),
+        ];
+        for s in shown {
+            assert!(!s.contains(&secret) && s.contains(REDACTED), "{s}");
+        }
     }
 
     #[test]

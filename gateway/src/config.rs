@@ -39,9 +39,10 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     /// Snapshot retention tiers, e.g. `[[retention.tiers]] every_secs = 600, keep_secs = 3600`.
-    /// Absent (the default in standalone mode): every snapshot is kept. When set, old
-    /// snapshots are pruned after each checkpoint and every minute; the newest completed
-    /// snapshot is always kept.
+    /// Absent: in standalone mode every snapshot is kept; with a `[control_plane]` the AWS
+    /// DRS-like default applies (every 10 min kept 1 h, hourly kept 24 h, daily kept 7 d).
+    /// When set, old snapshots are pruned after each checkpoint and every minute; the newest
+    /// completed snapshot and the current checkpoint's are always kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionPolicy>,
     /// Prometheus metrics port. Absent (the default): no metrics port.
@@ -343,10 +344,11 @@ impl Config {
                     crate::api::MAX_POLL_WAIT_SECS
                 ));
             }
-            if cp.report_queue == 0 || cp.max_backoff_secs == 0 {
-                return bad(
-                    "control_plane.report_queue and max_backoff_secs must be positive".into(),
-                );
+            if cp.report_queue == 0 || cp.report_queue > 10_000 {
+                return bad("control_plane.report_queue must be 1..=10000".into());
+            }
+            if cp.max_backoff_secs == 0 || cp.max_backoff_secs > 3600 {
+                return bad("control_plane.max_backoff_secs must be 1..=3600".into());
             }
         }
         if let Some(r) = &self.retention {

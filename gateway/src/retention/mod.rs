@@ -219,16 +219,26 @@ pub fn plan(
 }
 
 /// Applies `policy` to the snapshots of `disk_id` at `now_unix_ms`: lists them, [`plan`]s, and
-/// deletes the `delete` set oldest first, logging each. Stops at the first failed deletion (the
-/// next run plans again from what is left). Returns the plan.
+/// deletes the `delete` set oldest first, logging each. Snapshots named in `protected` are
+/// kept whatever the plan says: the disk's current checkpoint snapshot is the consistent point a
+/// launch uses by default, and a newer snapshot taken on command in the same bucket must not
+/// push it out. Stops at the first failed deletion (the next run plans again from what is
+/// left). Returns the plan as carried out.
 pub async fn prune(
     backend: &Backend,
     disk_id: &str,
     policy: &RetentionPolicy,
     now_unix_ms: u64,
+    protected: &[String],
 ) -> Result<RetentionPlan, BackendError> {
     let snapshots = backend.list_snapshots(Some(disk_id)).await?;
-    let decided = plan(policy, &snapshots, now_unix_ms);
+    let mut decided = plan(policy, &snapshots, now_unix_ms);
+    let (spared, delete): (Vec<_>, Vec<_>) = decided
+        .delete
+        .into_iter()
+        .partition(|(id, _)| protected.contains(id));
+    decided.delete = delete;
+    decided.keep.extend(spared.into_iter().map(|(id, _)| id));
     for (id, reason) in &decided.delete {
         let Some(info) = snapshots.iter().find(|s| &s.id == id) else {
             continue;

@@ -355,40 +355,57 @@ async fn prune_deletes_files_on_the_local_backend() {
 
     let backend = Backend::Local(local);
     let now = NOW + 30 * MIN;
-    let p = prune(&backend, "d", &RetentionPolicy::default(), now)
-        .await
-        .unwrap();
-    assert_eq!(p.keep, vec![ids[2].clone(), ids[3].clone()]);
+    // ids[1] is superseded in its bucket, but protected (the disk's current checkpoint).
+    let p = prune(
+        &backend,
+        "d",
+        &RetentionPolicy::default(),
+        now,
+        std::slice::from_ref(&ids[1]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.keep, vec![ids[2].clone(), ids[3].clone(), ids[1].clone()]);
     assert_eq!(
         p.delete,
         vec![
             (ids[0].clone(), REASON_EXPIRED),
-            (ids[4].clone(), REASON_FAILED),
-            (ids[1].clone(), REASON_SUPERSEDED),
+            (ids[4].clone(), REASON_FAILED)
         ]
     );
     let exists = |id: &str, ext: &str| snap_dir.join(format!("{id}.{ext}")).exists();
-    for id in [&ids[0], &ids[1], &ids[4]] {
+    for id in [&ids[0], &ids[4]] {
         for ext in ["img", "json", "parts", "copied"] {
             assert!(!exists(id, ext), "{id}.{ext} should be gone");
         }
     }
-    for id in [&ids[2], &ids[3]] {
+    for id in [&ids[1], &ids[2], &ids[3]] {
         assert!(
             exists(id, "img") && exists(id, "json"),
             "{id} should remain"
         );
     }
-    let listed: Vec<String> = backend
-        .list_snapshots(Some("d"))
+    let listed = || async {
+        backend
+            .list_snapshots(Some("d"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(
+        listed().await,
+        vec![ids[1].clone(), ids[2].clone(), ids[3].clone()]
+    );
+    // No longer protected: it goes as superseded.
+    let p = prune(&backend, "d", &RetentionPolicy::default(), now, &[])
         .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.id)
-        .collect();
-    assert_eq!(listed, p.keep);
+        .unwrap();
+    assert_eq!(p.delete, vec![(ids[1].clone(), REASON_SUPERSEDED)]);
+    assert_eq!(listed().await, p.keep);
     // Pruning again is a no-op.
-    let again = prune(&backend, "d", &RetentionPolicy::default(), now)
+    let again = prune(&backend, "d", &RetentionPolicy::default(), now, &[])
         .await
         .unwrap();
     assert_eq!(again.keep, p.keep);

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::disk::unix_ms;
 use super::disk::{Disk, DiskState};
 use super::writer::WriterCmd;
 use super::{open_disk, GatewayError, Shared};
@@ -29,6 +30,10 @@ use crate::config::ConfigError;
 use crate::durable;
 use crate::protocol::auth::DiskKey;
 use crate::retention::RetentionPolicy;
+
+/// Lowest bandwidth cap accepted (64 KiB/s): below it one 1 MiB block takes minutes, and a
+/// session would sit in its pacer long after the policy changed again.
+pub const MIN_BANDWIDTH: u64 = 64 << 10;
 
 /// Retention and bandwidth, readable by every session and changeable by command.
 #[derive(Debug)]
@@ -41,7 +46,8 @@ pub struct LivePolicy {
 }
 
 impl LivePolicy {
-    /// The policy saved by an earlier `set_policy`, else the config's.
+    /// The policy saved by an earlier `set_policy`, else the config's (`configured` is the
+    /// config's retention, or the DRS-like default under a control plane).
     pub fn load(state_dir: &Path, configured: Option<RetentionPolicy>) -> Result<Self, String> {
         let path = state_dir.join("policy.json");
         let saved: Option<Policy> = match std::fs::read(&path) {
@@ -95,7 +101,7 @@ impl LivePolicy {
 }
 
 /// A disk assigned by command, as persisted.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Assignment {
     pub size_bytes: u64,
     /// Hex agent key; absent once revoked or cut over.
@@ -103,6 +109,16 @@ pub struct Assignment {
     pub agent_key: Option<String>,
     #[serde(default)]
     pub phase: DiskPhase,
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("size_bytes", &self.size_bytes)
+            .field("agent_key", &self.agent_key.as_ref().map(|_| "<redacted>"))
+            .field("phase", &self.phase)
+            .finish()
+    }
 }
 
 /// Why a command could not be carried out.
@@ -158,15 +174,31 @@ impl Control {
             }
         };
         for (id, a) in &saved {
-            if a.phase == DiskPhase::Finalized || shared.disks.get(id).is_some() {
-                continue;
-            }
             let key = match &a.agent_key {
                 Some(hex) => Some(parse_key(id, hex).map_err(|e| {
                     GatewayError::Config(ConfigError::Invalid(format!("{}: {e}", path.display())))
                 })?),
                 None => None,
             };
+            if let Some(disk) = shared.disks.get(id) {
+                // A `[[disks]]` disk the control plane acted on: its record wins over the
+                // config (a revoked or rotated key stays so; a cut-over disk stays stopped).
+                if a.phase == DiskPhase::Finalized {
+                    warn!(disk = %id, "disk in [[disks]] was finalized by the control plane; \
+                        not serving it (remove it from the config)");
+                    shared.disks.remove(id);
+                    continue;
+                }
+                match key {
+                    Some(k) => disk.set_key(k),
+                    None => disk.revoke(),
+                }
+                disk.set_phase(a.phase);
+                continue;
+            }
+            if a.phase == DiskPhase::Finalized {
+                continue;
+            }
             // A revoked disk keeps its volume and state; it just accepts no agent.
             let disk = open_disk(
                 &shared.backend,
@@ -213,12 +245,16 @@ impl Control {
         )
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Assignment)) -> Result<(), ControlError> {
+    /// Changes (or, for a `[[disks]]` disk, creates) the persisted record of disk `id`.
+    fn update(&self, disk: &Disk, f: impl FnOnce(&mut Assignment)) -> Result<(), ControlError> {
         let mut all = self.assignments.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = all.clone();
-        if let Some(a) = next.get_mut(id) {
-            f(a);
-        }
+        let a = next.entry(disk.id.clone()).or_insert_with(|| Assignment {
+            size_bytes: disk.size,
+            agent_key: disk.key().map(|k| k.to_hex()),
+            phase: disk.phase(),
+        });
+        f(a);
         self.persist(&next)?;
         *all = next;
         Ok(())
@@ -263,6 +299,14 @@ impl Control {
             disk.set_phase(DiskPhase::Replicating);
             info!(disk = %id, "disk re-assigned: new agent key");
         } else {
+            let was_finalized = self
+                .assignments()
+                .get(id)
+                .is_some_and(|a| a.phase == DiskPhase::Finalized);
+            if was_finalized {
+                // A new disk under an old id starts from nothing.
+                self.release(id).await?;
+            }
             let disk = open_disk(&self.shared.backend, &self.state_dir, id, size, key).await?;
             self.save_assignment(id, record)?;
             self.shared.disks.insert(disk);
@@ -286,18 +330,18 @@ impl Control {
     pub fn revoke(&self, id: &str) -> bool {
         match self.shared.disks.get(id) {
             Some(disk) => {
-                if let Err(e) = self.update(id, |a| {
+                if let Err(e) = self.update(&disk, |a| {
                     a.agent_key = None;
                     if a.phase == DiskPhase::Replicating {
                         a.phase = DiskPhase::Revoked;
                     }
                 }) {
-                    // The key stops working now either way; a restart would re-enable a disk
-                    // assigned by command, so say so loudly.
+                    // The key stops working now either way; a restart would re-enable it, so
+                    // say so loudly.
                     warn!(disk = %id, error = %e, "revocation not persisted");
                 }
                 disk.revoke();
-                if disk.phase() == DiskPhase::Replicating && self.is_assigned(id) {
+                if disk.phase() == DiskPhase::Replicating {
                     disk.set_phase(DiskPhase::Revoked);
                 }
                 info!(disk = %id, "agent key revoked");
@@ -308,18 +352,18 @@ impl Control {
         }
     }
 
-    fn is_assigned(&self, id: &str) -> bool {
-        self.assignments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
-    }
-
     /// Applies and persists a policy change.
     pub fn set_policy(&self, p: &Policy) -> Result<Policy, ControlError> {
         if let Some(r) = &p.retention {
             r.validate()
                 .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        }
+        if let Some(bw) = p.bandwidth_limit_bytes_per_sec {
+            if bw != 0 && bw < MIN_BANDWIDTH {
+                return Err(ControlError::Invalid(format!(
+                    "bandwidth limit {bw} B/s is below the minimum {MIN_BANDWIDTH} B/s (0: no limit)"
+                )));
+            }
         }
         self.shared
             .policy
@@ -338,6 +382,7 @@ impl Control {
                     self.shared.backend.clone(),
                     disk.id.clone(),
                     policy.clone(),
+                    disk.protected_snapshots(),
                 );
             }
         }
@@ -380,28 +425,46 @@ impl Control {
             if disk.writer().is_some() {
                 continue; // a session started between the check and the lock
             }
-            let d = disk.clone();
-            tokio::task::spawn_blocking(move || d.volume.sync())
-                .await
-                .map_err(|e| fail(e.to_string()))?
-                .map_err(|e| fail(format!("fdatasync failed: {e}")))?;
-            let seq = disk.state().point().seq;
-            let req = SnapshotRequest {
-                disk_id: id.to_string(),
-                label: label.to_string(),
-                checkpoint_seq: seq,
-            };
-            let handle = self
-                .shared
-                .backend
-                .begin_snapshot(disk.volume.clone(), req)
-                .await?;
-            disk.add_snapshot_in_flight(handle.clone());
-            info!(disk = %id, snapshot = %handle.info().id, seq, "snapshot on command initiated");
-            self.shared.policy.changed.notify_one();
-            return Ok(handle);
+            return self.snapshot_held(&disk, label).await;
         }
         Err(fail("sessions kept changing; try again".into()))
+    }
+
+    /// Whether durable point `seq` of disk `id` is its last checkpoint (a snapshot taken there
+    /// equals the source at that checkpoint).
+    pub fn at_checkpoint(&self, id: &str, seq: u64) -> bool {
+        self.shared.disks.get(id).is_some_and(|d| {
+            let st = d.state();
+            st.checkpoint().is_some_and(|c| c.seq == seq)
+        })
+    }
+
+    /// Snapshot of a disk no session writes to (the caller holds `disk.active`).
+    async fn snapshot_held(&self, disk: &Arc<Disk>, label: &str) -> Result<Snapshot, ControlError> {
+        let fail = |message: String| ControlError::Snapshot {
+            disk: disk.id.clone(),
+            message,
+        };
+        let d = disk.clone();
+        tokio::task::spawn_blocking(move || d.volume.sync())
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(format!("fdatasync failed: {e}")))?;
+        let seq = disk.state().point().seq;
+        let req = SnapshotRequest {
+            disk_id: disk.id.clone(),
+            label: label.to_string(),
+            checkpoint_seq: seq,
+        };
+        let handle = self
+            .shared
+            .backend
+            .begin_snapshot(disk.volume.clone(), req)
+            .await?;
+        disk.add_snapshot_in_flight(handle.clone());
+        info!(disk = %disk.id, snapshot = %handle.info().id, seq, "snapshot on command initiated");
+        self.shared.policy.changed.notify_one();
+        Ok(handle)
     }
 
     /// Waits until a snapshot's content is complete.
@@ -470,32 +533,84 @@ impl Control {
         Ok(launched)
     }
 
-    /// Cutover: a final snapshot of the disk as it is now, an instance launched from it, and
-    /// replication of the disk stopped (its agent is refused from then on).
-    pub async fn cutover(&self, id: &str) -> Result<LaunchInfo, ControlError> {
+    /// Cutover: replication of the disk stops first (its agent is told, and every write it
+    /// sent is made durable as the session drains), then an instance is launched from a
+    /// consistent point: a final snapshot when the disk is at a checkpoint, else the last
+    /// checkpoint's snapshot (the result says which, and how old). Without any checkpoint
+    /// there is nothing consistent to launch, and replication resumes.
+    pub async fn cutover(&self, id: &str) -> Result<(LaunchInfo, String), ControlError> {
         let disk = self.disk(id)?;
         if disk.phase() == DiskPhase::CutOver {
             return Err(ControlError::Invalid(format!(
                 "disk {id} is already cut over"
             )));
         }
-        let snap = self.snapshot_now(id, "cutover").await?;
-        let snap = self.completed(snap).await?;
-        let launched = self
-            .shared
-            .backend
-            .launch(vec![snap.clone()], false)
-            .await?;
-        self.update(id, |a| {
+        let (old_key, old_phase) = (disk.key(), disk.phase());
+        let undo = |disk: &Disk| {
+            disk.set_phase(old_phase);
+            if let Some(k) = old_key.clone() {
+                disk.set_key(k);
+            }
+        };
+        disk.set_phase(DiskPhase::CutOver);
+        disk.revoke();
+        let wait = Duration::from_secs(self.shared.limits.drain_timeout_secs + 5);
+        let Ok(held) = tokio::time::timeout(wait, disk.active.clone().lock_owned()).await else {
+            undo(&disk);
+            return Err(ControlError::Invalid(format!(
+                "disk {id}: the agent's session did not drain; replication resumes"
+            )));
+        };
+        let (point, ckpt) = {
+            let st = disk.state();
+            (st.point(), st.checkpoint().cloned())
+        };
+        let chosen = match &ckpt {
+            None => Err(ControlError::Invalid(format!(
+                "disk {id} has no checkpoint yet: nothing consistent to launch; replication resumes"
+            ))),
+            Some(_) if point.seq == point.checkpoint_seq => {
+                match self.snapshot_held(&disk, "cutover").await {
+                    Ok(s) => self.completed(s).await.map(|s| {
+                        let note = format!("final snapshot {} at checkpoint {}", s.id, point.seq);
+                        (s, note)
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(c) => self.launch_snapshot(&disk, None).await.map(|s| {
+                let age = unix_ms().saturating_sub(c.snapshot.created_unix_ms) / 1000;
+                let note = format!(
+                    "the last pass stopped before its checkpoint: launched from checkpoint {} \
+                     (snapshot {}, {age} s old); writes after it stay on the staging volume",
+                    c.seq, s.id
+                );
+                (s, note)
+            }),
+        };
+        drop(held);
+        let (snap, note) = match chosen {
+            Ok(x) => x,
+            Err(e) => {
+                undo(&disk);
+                return Err(e);
+            }
+        };
+        let launched = match self.shared.backend.launch(vec![snap.clone()], false).await {
+            Ok(l) => l,
+            Err(e) => {
+                undo(&disk);
+                return Err(e.into());
+            }
+        };
+        self.update(&disk, |a| {
             a.agent_key = None;
             a.phase = DiskPhase::CutOver;
         })?;
-        disk.set_phase(DiskPhase::CutOver);
-        disk.revoke();
-        info!(disk = %id, snapshot = %snap.id, instance = %launched.instance_id,
+        info!(disk = %id, snapshot = %snap.id, instance = %launched.instance_id, %note,
             "cutover: instance launched, replication stopped");
         self.shared.policy.changed.notify_one();
-        Ok(launched)
+        Ok((launched, note))
     }
 
     /// Finalize after a cutover: the staging volume and replication state are released; the
@@ -506,7 +621,9 @@ impl Control {
             .get(id)
             .is_some_and(|a| a.phase == DiskPhase::Finalized);
         if finalized && self.shared.disks.get(id).is_none() {
-            return Ok(()); // done before (a repeat after a restart)
+            // Done before (a repeat after a restart): make sure nothing was left behind.
+            self.release(id).await?;
+            return Ok(());
         }
         let disk = self.disk(id)?;
         if disk.phase() != DiskPhase::CutOver {
@@ -525,16 +642,23 @@ impl Control {
         for s in disk.snapshots_in_flight() {
             let _ = self.completed(s).await;
         }
-        self.update(id, |a| a.phase = DiskPhase::Finalized)?;
+        // Volume and state go first; only then is the disk recorded as finalized, so a failure
+        // or a crash in between leaves it cut over, and finalize can simply be repeated.
+        self.release(id).await?;
+        self.update(&disk, |a| a.phase = DiskPhase::Finalized)?;
         self.shared.disks.remove(id);
+        info!(disk = %id, "finalized: staging volume released, snapshots kept");
+        self.shared.policy.changed.notify_one();
+        Ok(())
+    }
+
+    /// Deletes the staging volume and the replication state of disk `id` (both idempotent).
+    async fn release(&self, id: &str) -> Result<(), ControlError> {
         self.shared.backend.release_volume(id).await?;
         DiskState::remove_files(&self.state_dir, id).map_err(|source| ControlError::Persist {
             what: "replication state",
             source,
-        })?;
-        info!(disk = %id, "finalized: staging volume released, snapshots kept");
-        self.shared.policy.changed.notify_one();
-        Ok(())
+        })
     }
 
     /// Disks assigned by command, with their phases (finalized ones included).

@@ -165,6 +165,8 @@ pub struct DiskStats {
     pub last_ack_unix_ms: AtomicU64,
     /// Highest sequence number received (not necessarily durable yet).
     pub received_seq: AtomicU64,
+    /// When the open session authenticated, ms since the epoch.
+    pub session_started_unix_ms: AtomicU64,
     /// Set while the open session answers hash queries (delta resync); cleared by a checkpoint
     /// and when the session ends.
     pub rescanning: AtomicBool,
@@ -183,6 +185,8 @@ impl DiskStats {
 
     /// Marks an authenticated session open until the returned guard drops (panics included).
     pub fn session_opened(self: &Arc<Self>) -> OpenSession {
+        self.session_started_unix_ms
+            .store(unix_ms(), Ordering::Relaxed);
         self.sessions.fetch_add(1, Ordering::Relaxed);
         self.open_sessions.fetch_add(1, Ordering::Relaxed);
         OpenSession(self.clone())
@@ -232,7 +236,7 @@ pub struct Disk {
     last_error: Mutex<Option<(u64, ErrorCode, String)>>,
     /// The command queue of the active session's writer, for snapshots taken on command
     /// between two writes. Weak, so the session's end still closes the channel.
-    writer: Mutex<Option<tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>>>,
+    writer: Mutex<Option<(u64, tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>)>>,
 }
 
 /// Received data waiting this long for an ack makes the disk `stalled`.
@@ -320,9 +324,11 @@ impl Disk {
             self.last_error(),
             Some((at, ErrorCode::Storage, _)) if at >= last_ack
         );
+        // Waiting since the newest ack, or since the session began if none came in it.
+        let waiting_since = last_ack.max(stats.session_started_unix_ms.load(Ordering::Relaxed));
         let unacked_too_long = connected
             && received_seq > point.seq
-            && now_ms.saturating_sub(last_ack) > STALL_AFTER_MS;
+            && now_ms.saturating_sub(waiting_since) > STALL_AFTER_MS;
         let state = if self.phase() != DiskPhase::Replicating || self.is_revoked() {
             S::Paused
         } else if storage_failed || unacked_too_long {
@@ -356,6 +362,14 @@ impl Disk {
         }
     }
 
+    /// Snapshots retention must keep whatever the tiers say: the current checkpoint's.
+    pub fn protected_snapshots(&self) -> Vec<String> {
+        self.state()
+            .checkpoint()
+            .map(|c| vec![c.snapshot.id.clone()])
+            .unwrap_or_default()
+    }
+
     /// Where the disk is in its life.
     pub fn phase(&self) -> DiskPhase {
         *self.phase.lock().unwrap_or_else(|p| p.into_inner())
@@ -379,9 +393,22 @@ impl Disk {
             .clone()
     }
 
-    /// Publishes (or clears) the active session's writer queue.
-    pub fn set_writer(&self, w: Option<tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>>) {
-        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    /// Publishes the writer queue of session `session` (its claim id).
+    pub fn set_writer(
+        &self,
+        session: u64,
+        w: tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>,
+    ) {
+        *self.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some((session, w));
+    }
+
+    /// Withdraws session `session`'s writer queue, unless a newer session has already
+    /// published its own.
+    pub fn clear_writer(&self, session: u64) {
+        let mut g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_some_and(|(id, _)| *id == session) {
+            *g = None;
+        }
     }
 
     /// The active session's writer queue, while one runs.
@@ -390,7 +417,7 @@ impl Disk {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .and_then(|w| w.upgrade())
+            .and_then(|(_, w)| w.upgrade())
     }
 
     /// Snapshots still being filled (finished ones are dropped from the list here).
@@ -425,8 +452,14 @@ impl Disk {
     }
 
     /// Replaces the agent key (re-assignment).
+    /// A session authenticated with the old key ends (it reconnects with the new one), so a
+    /// rotation cuts off a leaked key at once.
     pub fn set_key(&self, key: DiskKey) {
         *self.key.write().unwrap_or_else(|p| p.into_inner()) = Some(key);
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = &slot.token {
+            t.cancel();
+        }
     }
 
     /// Forgets the key and ends the open session, which reports `revoked` to its agent.

@@ -76,20 +76,19 @@ pub struct Shared {
     pub policy: Arc<LivePolicy>,
 }
 
-/// Prunes one disk's snapshots by the configured policy, in the background; failures are
-/// logged and retried at the next prune.
+/// Prunes one disk's snapshots by the policy, in the background, never deleting `protected`
+/// ones (the current checkpoint's); failures are logged and retried at the next prune.
 pub fn spawn_prune(
     rt: &tokio::runtime::Handle,
     backend: Arc<Backend>,
     disk_id: String,
     policy: crate::retention::RetentionPolicy,
+    protected: Vec<String>,
 ) {
     rt.spawn(async move {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        if let Err(e) = crate::retention::prune(&backend, &disk_id, &policy, now).await {
+        let now = disk::unix_ms();
+        if let Err(e) = crate::retention::prune(&backend, &disk_id, &policy, now, &protected).await
+        {
             warn!(disk = %disk_id, error = %e, "snapshot pruning failed; retrying later");
         }
     });
@@ -230,7 +229,15 @@ pub async fn run_with_control(
     for (dc, key) in config.load_keys()? {
         disks.insert(open_disk(&backend, &state_dir, &dc.id, dc.size_bytes, key).await?);
     }
-    let policy = LivePolicy::load(&state_dir, config.retention.clone())
+    // Standalone, retention is opt-in; under a control plane the DRS-like tiers apply unless
+    // configured otherwise (snapshots would otherwise pile up unseen).
+    let retention = config.retention.clone().or_else(|| {
+        config
+            .control_plane
+            .as_ref()
+            .map(|_| crate::retention::RetentionPolicy::default())
+    });
+    let policy = LivePolicy::load(&state_dir, retention)
         .map_err(|m| GatewayError::Config(ConfigError::Invalid(m)))?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -302,11 +309,13 @@ pub async fn run_with_control(
                     ids.extend(all.into_iter().map(|s| s.disk_id));
                 }
                 for id in ids {
+                    let protected = shared.disks.get(&id).map(|d| d.protected_snapshots());
                     spawn_prune(
                         &tokio::runtime::Handle::current(),
                         shared.backend.clone(),
                         id,
                         policy.clone(),
+                        protected.unwrap_or_default(),
                     );
                 }
             }

@@ -234,6 +234,12 @@ async fn stream_disk(
         send_error(&mut conn, &e).await;
         return Err(e);
     }
+    // Revoked (or cut over) between the key check of the handshake and now.
+    if disk.is_revoked() {
+        let e = SessionError::peer(ErrorCode::Revoked, revoked_message(&disk));
+        send_error(&mut conn, &e).await;
+        return Err(e);
+    }
     let (point, ckpt) = {
         let st = disk.state();
         (st.point(), st.checkpoint().cloned())
@@ -281,7 +287,7 @@ async fn stream_disk(
     );
     writer.policy = Some(shared.policy.clone());
     // Snapshots on command go through this writer while the session lasts.
-    disk.set_writer(Some(cmd_tx.downgrade()));
+    disk.set_writer(claim.id, cmd_tx.downgrade());
     shared.policy.changed.notify_one();
     let writer_busy = writer.busy.clone();
     let draining = writer.draining.clone();
@@ -356,7 +362,6 @@ async fn stream_disk(
                     ));
                 }
                 last_seq = d.seq;
-                disk.stats.received_seq.fetch_max(d.seq, Ordering::Relaxed);
                 match shared.policy.bandwidth() {
                     0 => pacer = None,
                     rate => {
@@ -371,6 +376,7 @@ async fn stream_disk(
                         }
                     }
                 }
+                disk.stats.received_seq.fetch_max(d.seq, Ordering::Relaxed);
                 bytes_in += d.payload.len() as u64;
                 DiskStats::add(&disk.stats.bytes_received, d.payload.len() as u64);
                 // Weigh the block by what it will occupy once decompressed.
@@ -434,7 +440,7 @@ async fn stream_disk(
 
     // Drain: the writer makes everything received durable and acks it, then stops.
     draining.store(true, Ordering::Relaxed);
-    disk.set_writer(None);
+    disk.clear_writer(claim.id);
     drop(cmd_tx);
     let drain = Duration::from_secs(shared.limits.drain_timeout_secs);
     let (stats, write_result) = match tokio::time::timeout(drain, done_rx).await {

@@ -508,7 +508,13 @@ impl Writer {
                 snapshot_id: record.snapshot.id.clone(),
             })));
         if let Some(policy) = self.policy.as_ref().and_then(|p| p.retention()) {
-            super::spawn_prune(&self.rt, self.backend.clone(), self.disk.id.clone(), policy);
+            super::spawn_prune(
+                &self.rt,
+                self.backend.clone(),
+                self.disk.id.clone(),
+                policy,
+                vec![record.snapshot.id.clone()],
+            );
         }
         if let Some(p) = &self.policy {
             p.changed.notify_one();

@@ -86,9 +86,23 @@ async fn run(
             let label = format!("manual-{id}");
             let snap = control.snapshot_now(&d.disk_id, &label).await.map_err(e)?;
             let info = snap.info().clone();
+            // Equal to a checkpoint only when nothing was written since it; mid-pass the
+            // volume mixes old and new blocks (crash-consistent at best).
+            let consistent = control.at_checkpoint(&d.disk_id, info.checkpoint_seq);
+            let what = if consistent {
+                "at the last checkpoint (consistent)"
+            } else {
+                "mid-pass: NOT a consistent point (an agent pass had not reached its checkpoint)"
+            };
             Ok((
-                format!("snapshot {} of disk {} initiated", info.id, d.disk_id),
-                serde_json::json!({ "snapshot": SnapshotSummary::from(&info) }),
+                format!(
+                    "snapshot {} of disk {} initiated, {what}",
+                    info.id, d.disk_id
+                ),
+                serde_json::json!({
+                    "snapshot": SnapshotSummary::from(&info),
+                    "consistent": consistent,
+                }),
             ))
         }
         Action::SetPolicy(p) => {
@@ -109,10 +123,10 @@ async fn run(
             ))
         }
         Action::Cutover(d) => {
-            let launched = control.cutover(&d.disk_id).await.map_err(e)?;
+            let (launched, note) = control.cutover(&d.disk_id).await.map_err(e)?;
             Ok((
                 format!(
-                    "instance {} launched; replication of {} stopped",
+                    "instance {} launched from {note}; replication of {} stopped",
                     launched.instance_id, d.disk_id
                 ),
                 serde_json::json!({ "launch": launched }),

@@ -90,11 +90,34 @@ impl Journal {
         self.entries.iter().find(|e| e.id == id)
     }
 
+    /// Whether a command id can be used as a path segment of the result URL (and stored): the
+    /// ids control planes generate are like `cmd-0123abcd`.
+    pub fn valid_id(id: &str) -> bool {
+        (1..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && !id.starts_with('.')
+    }
+
     /// Decides what to do with a delivered command, recording a new one as running (durably,
     /// before it is carried out).
     pub fn admit(&mut self, cmd: &Command) -> std::io::Result<Admission> {
         match self.find(&cmd.id).map(|e| e.state.clone()) {
-            Some(EntryState::Done { result, .. }) => return Ok(Admission::Repost(result)),
+            Some(EntryState::Done { result, posted }) => {
+                // Delivered again although posted: the control plane lost the result (it
+                // answered before it had saved it). Post it again.
+                if posted {
+                    if let Some(e) = self.entries.iter_mut().find(|e| e.id == cmd.id) {
+                        e.state = EntryState::Done {
+                            result: result.clone(),
+                            posted: false,
+                        };
+                    }
+                    self.save()?;
+                }
+                return Ok(Admission::Repost(result));
+            }
             Some(EntryState::Running) if self.started_here.contains(&cmd.id) => {
                 return Ok(Admission::InProgress)
             }
@@ -237,6 +260,16 @@ mod tests {
             j.admit(&cmd("c1")).unwrap(),
             Admission::Repost(result("c1"))
         );
+    }
+
+    #[test]
+    fn command_ids_must_be_plain_path_segments() {
+        for ok in ["cmd-0123abcd", "a", "A.b_c-9"] {
+            assert!(Journal::valid_id(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "a?b", "é", &"x".repeat(129)] {
+            assert!(!Journal::valid_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

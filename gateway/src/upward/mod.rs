@@ -312,6 +312,7 @@ fn credential_rejected(e: &HttpError) -> bool {
 async fn poll_commands(up: Arc<Upward>) {
     let mut backoff = Backoff::new(Duration::from_secs(up.cp.max_backoff_secs));
     let mut workers: HashMap<String, mpsc::UnboundedSender<Command>> = HashMap::new();
+    let mut bad_ids: std::collections::HashSet<String> = Default::default();
     let mut was_down = false;
     loop {
         let wait = up.poll_wait();
@@ -356,6 +357,14 @@ async fn poll_commands(up: Arc<Upward>) {
             }
         };
         for cmd in batch.commands {
+            if !Journal::valid_id(&cmd.id) {
+                // No result can be addressed to it; it is the control plane's bug, said once.
+                if bad_ids.insert(cmd.id.clone()) && bad_ids.len() < 1000 {
+                    error!(command = %cmd.id.escape_debug(), kind = %cmd.kind.escape_debug(),
+                        "command id is not a plain path segment ([A-Za-z0-9._-], 1-128); ignored");
+                }
+                continue;
+            }
             let admission = {
                 let mut j = up.journal.lock().unwrap_or_else(|p| p.into_inner());
                 j.admit(&cmd)
@@ -455,9 +464,10 @@ async fn post_results(up: Arc<Upward>) {
                         warn!(command = %r.command_id, error = %e, "cannot record posted result");
                     }
                 }
-                Err(e) if e.status() == Some(404) => {
-                    // The control plane no longer knows the command: nobody waits for it.
-                    warn!(command = %r.command_id, error = %e, "result of an unknown command dropped");
+                Err(e) if !e.is_retryable() && !credential_rejected(&e) => {
+                    // Unknown command (404), or a refusal no retry can change: nobody can use
+                    // the result, and keeping it would block every later one.
+                    warn!(command = %r.command_id, error = %e, "result refused by the control plane; dropped");
                     let _ = up
                         .journal
                         .lock()
@@ -510,6 +520,11 @@ async fn report_status(up: Arc<Upward>) {
                         queue.pop_front();
                         backoff.reset();
                         retry_at = None;
+                    }
+                    Err(e) if !e.is_retryable() && !credential_rejected(&e) => {
+                        // The same report would be refused again; the next one is fresh.
+                        warn!(error = %e, "status report refused by the control plane; dropped");
+                        queue.pop_front();
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, queued = queue.len(), "status report not sent");

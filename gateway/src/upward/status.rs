@@ -122,8 +122,10 @@ impl StatusSource {
         }
     }
 
+    /// Rate of disk bytes covered (written or zeroed), so it compares with the backlog.
     fn throughput(&self, disk: &Disk) -> u64 {
-        let received = disk.stats.bytes_received.load(Ordering::Relaxed);
+        let received = disk.stats.bytes_written.load(Ordering::Relaxed)
+            + disk.stats.bytes_zeroed.load(Ordering::Relaxed);
         let now = Instant::now();
         let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
         let entry = rates
@@ -200,11 +202,21 @@ impl StatusSource {
                 created_unix_ms: c.snapshot.created_unix_ms,
             }),
             last_snapshot: snaps.last().map(SnapshotSummary::from),
-            snapshots: snaps.iter().map(SnapshotSummary::from).collect(),
+            snapshots: recent(snaps),
             last_error: last_error.map(|(_, code, msg)| format!("{code}: {msg}")),
             errors,
         }
     }
+}
+
+/// Snapshots listed per disk in a report: the newest ones. Without retention a disk can hold
+/// thousands, and a report must stay well under a control plane's body limit (1 MiB for
+/// `sync-control`); the full list is `sync-gateway snapshots`.
+pub const REPORTED_SNAPSHOTS: usize = 50;
+
+fn recent(snaps: &[SnapshotInfo]) -> Vec<SnapshotSummary> {
+    let from = snaps.len().saturating_sub(REPORTED_SNAPSHOTS);
+    snaps[from..].iter().map(SnapshotSummary::from).collect()
 }
 
 fn finalized_status(id: &str, size: u64, snaps: &[SnapshotInfo]) -> DiskStatus {
@@ -227,7 +239,7 @@ fn finalized_status(id: &str, size: u64, snaps: &[SnapshotInfo]) -> DiskStatus {
         durable_seq: 0,
         last_checkpoint: None,
         last_snapshot: last_completed.map(SnapshotSummary::from),
-        snapshots: snaps.iter().map(SnapshotSummary::from).collect(),
+        snapshots: recent(snaps),
         last_error: None,
         errors: BTreeMap::new(),
     }
