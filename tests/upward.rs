@@ -100,6 +100,14 @@ fn register_assign_replicate_cutover_through_the_control_plane() {
         "tokens must not be logged"
     );
     let reg_file = t.data_dir().join("state/control-plane.json");
+    let reg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&reg_file).unwrap()).unwrap();
+    let credential = reg["credential"].as_str().unwrap();
+    assert!(credential.len() >= 32, "{reg}");
+    assert!(
+        !gw.log_text().contains(credential) && !cp.log_text().contains(credential),
+        "the credential must not be logged"
+    );
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&reg_file).unwrap().permissions(),
     );
