@@ -166,10 +166,18 @@ pub async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     if announced.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let collected = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::bad_request(format!(
+            "the request body did not arrive within {} s",
+            BODY_READ_TIMEOUT.as_secs()
+        ))
+    })?;
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::bad_request(format!(
@@ -177,6 +185,10 @@ pub async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
         ))),
     }
 }
+
+/// Longest a client may take to send a body (at most 1 MiB): a slow sender must not hold a
+/// connection slot for ever, `/v1/register` being open to anyone who can reach the port.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Decodes a JSON body.
 pub fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {

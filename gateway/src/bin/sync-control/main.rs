@@ -111,11 +111,11 @@ struct ServeArgs {
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// A delivered command without a result is delivered again after this.
-    #[arg(long, default_value_t = 30)]
+    /// A delivered command without a result is delivered again after this (1 s to 1 day).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     redeliver_after_secs: u64,
-    /// Report interval told to gateways (offline after 3 silent intervals).
-    #[arg(long, default_value_t = 5)]
+    /// Report interval told to gateways (offline after 3 silent intervals; 1 s to 1 h).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     report_interval_secs: u64,
     /// Long-poll wait told to gateways.
     #[arg(long, default_value_t = 25)]
