@@ -47,6 +47,12 @@ level = "info"
 [metrics]
 listen = "127.0.0.1:0"
 
+# Under a control plane the DRS-like tiers apply by default, which keep only the newest snapshot
+# of each 10-minute bucket; the demo compares every snapshot with the source at its point in
+# time, so it turns pruning off (no tiers: keep every snapshot).
+[retention]
+tiers = []
+
 [control_plane]
 url = "$url"
 bootstrap_token_file = "$token_file"

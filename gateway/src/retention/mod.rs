@@ -29,6 +29,9 @@
 //!   snapshot; a newer one (or any one while nothing has completed) is kept for diagnosis until a
 //!   later snapshot completes.
 //!
+//! - A policy with **no tiers keeps everything**: the explicit way to turn pruning off where a
+//!   default policy would apply (under a control plane).
+//!
 //! "Newer" orders by `(created_unix_ms, checkpoint_seq, id)`, so ties are broken the same way
 //! on every run. Both lists of the [`RetentionPlan`] are in that order, and every snapshot given
 //! to [`plan`] appears in exactly one of them.
@@ -89,8 +92,6 @@ impl Default for RetentionPolicy {
 /// Why a [`RetentionPolicy`] is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("retention policy has no tiers: at least one is needed")]
-    NoTiers,
     #[error("retention tier {index}: every_secs must be greater than 0")]
     ZeroInterval { index: usize },
     #[error("retention tier {index}: keep_secs ({keep_secs}) must be at least every_secs ({every_secs})")]
@@ -111,12 +112,9 @@ pub enum PolicyError {
 const MAX_SECS: u64 = u64::MAX / 1000;
 
 impl RetentionPolicy {
-    /// Checks that every tier makes sense: at least one tier, `every_secs > 0`,
-    /// `keep_secs >= every_secs`.
+    /// Checks that every tier makes sense: `every_secs > 0`, `keep_secs >= every_secs`. No
+    /// tiers at all is valid: nothing is pruned.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        if self.tiers.is_empty() {
-            return Err(PolicyError::NoTiers);
-        }
         for (index, t) in self.tiers.iter().enumerate() {
             if t.every_secs == 0 {
                 return Err(PolicyError::ZeroInterval { index });
@@ -161,6 +159,12 @@ pub fn plan(
 ) -> RetentionPlan {
     let mut sorted: Vec<&SnapshotInfo> = snapshots.iter().collect();
     sorted.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+    if policy.tiers.is_empty() {
+        return RetentionPlan {
+            keep: sorted.iter().map(|s| s.id.clone()).collect(),
+            delete: Vec::new(),
+        };
+    }
     let newest_completed = sorted
         .iter()
         .rev()

@@ -263,10 +263,12 @@ fn empty_and_single() {
 #[test]
 fn validation() {
     assert_eq!(RetentionPolicy::default().validate(), Ok(()));
-    assert_eq!(
-        RetentionPolicy { tiers: vec![] }.validate(),
-        Err(PolicyError::NoTiers)
-    );
+    // No tiers: valid, and nothing is pruned (not even old or failed snapshots).
+    let off = RetentionPolicy { tiers: vec![] };
+    assert_eq!(off.validate(), Ok(()));
+    let p = plan(&off, &[done("x", 5), done("y", 9)], 10_000_000);
+    assert_eq!(p.keep, vec!["x", "y"]);
+    assert!(p.delete.is_empty());
     assert_eq!(
         tier(0, 60).validate(),
         Err(PolicyError::ZeroInterval { index: 0 })

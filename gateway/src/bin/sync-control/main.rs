@@ -181,7 +181,8 @@ enum PolicyCmd {
     Set {
         #[arg(long)]
         gateway: String,
-        /// Tiers EVERY:KEEP in seconds, comma-separated, e.g. 600:3600,3600:86400.
+        /// Tiers EVERY:KEEP in seconds, comma-separated, e.g. 600:3600,3600:86400; `keep-all`
+        /// turns pruning off.
         #[arg(long, value_parser = parse_retention)]
         retention: Option<RetentionPolicy>,
         /// Bytes per second per disk (suffixes K, M, G; 0: no limit).
@@ -614,6 +615,10 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 
 /// `600:3600,3600:86400` → two tiers.
 fn parse_retention(s: &str) -> Result<RetentionPolicy, String> {
+    // `keep-all`: no tiers, nothing is pruned.
+    if s.trim() == "keep-all" {
+        return Ok(RetentionPolicy { tiers: Vec::new() });
+    }
     let tiers = s
         .split(',')
         .map(|t| {
