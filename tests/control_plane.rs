@@ -438,7 +438,7 @@ fn bad_input_gets_clear_errors_and_never_hurts_the_server() {
         (
             "PUT",
             format!("/v1/gateways/{gw}/policy"),
-            Some(r#"{"retention":{"tiers":[]}}"#.into()),
+            Some(r#"{"retention":{"tiers":[{"every_secs":0,"keep_secs":60}]}}"#.into()),
             400,
         ),
         (
