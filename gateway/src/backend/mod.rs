@@ -1,7 +1,9 @@
 //! Volumes and snapshots behind one interface. Each backend kind is a variant of [`Backend`];
 //! the replication path only sees [`Volume`] and [`SnapshotInfo`].
 
+pub mod bootmode;
 pub mod cow;
+pub mod device;
 pub mod local;
 pub mod volume;
 
