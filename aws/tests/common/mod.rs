@@ -1,0 +1,67 @@
+//! Test harness of the sync-aws tests: moto, a fault proxy, client settings for both.
+#![allow(dead_code)] // each test binary uses a different part
+#![allow(clippy::unwrap_used)]
+
+pub mod moto;
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sync_aws::{AwsSettings, Ec2, Imds, InstanceId, LaunchSpec, RetryPolicy};
+
+/// Region of every test: moto's default, with zones us-east-1a..f.
+pub const REGION: &str = "us-east-1";
+
+/// Settings for an EC2 endpoint on loopback with static test credentials. The IMDS endpoint
+/// is a closed loopback port: static credentials and an explicit region mean it is never
+/// used, and if it were, nothing would leave the machine.
+pub fn settings(endpoint: &str) -> AwsSettings {
+    AwsSettings {
+        region: Some(REGION.into()),
+        endpoint_url: Some(endpoint.into()),
+        imds_endpoint: "http://127.0.0.1:9".into(),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+        tags: BTreeMap::from([("team".into(), "migration".into())]),
+        ..AwsSettings::default()
+    }
+}
+
+/// Fast retries, so that retry tests take milliseconds.
+pub fn quick_retries() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 6,
+        base: Duration::from_millis(5),
+        cap: Duration::from_millis(50),
+        not_found_window: Duration::from_secs(5),
+    }
+}
+
+pub fn client(endpoint: &str) -> Ec2 {
+    let s = settings(endpoint);
+    let imds = Imds::new(&s.imds_endpoint).unwrap();
+    Ec2::with_region(&s, REGION.into(), &imds)
+        .unwrap()
+        .with_retry_policy(quick_retries())
+}
+
+/// An instance to play the gateway, launched from one of moto's built-in AMIs.
+pub async fn gateway_instance(ec2: &Ec2) -> InstanceId {
+    let images = ec2.describe_images(None, None).await.unwrap();
+    let image = images.first().expect("moto lists built-in AMIs").id.clone();
+    ec2.run_instances(&LaunchSpec {
+        image,
+        client_token: "gateway-instance".into(),
+        tags: BTreeMap::new(),
+    })
+    .await
+    .unwrap()
+}
+
+pub fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
