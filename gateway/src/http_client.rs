@@ -32,7 +32,7 @@ pub enum HttpError {
     CaFile { path: PathBuf, reason: String },
     /// The source chain is in the message: hyper's own error says only "client error
     /// (Connect)"; the reason (refused, certificate unknown, …) is in its sources.
-    #[error("{method} {url}: {}", chain(source))]
+    #[error("{method} {url}: {}", crate::cli::error_chain(source))]
     Transport {
         method: Method,
         url: String,
@@ -270,21 +270,6 @@ impl JsonClient {
         let json: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         serde_json::from_slice(json).map_err(|e| fail_decode(e.to_string()))
     }
-}
-
-/// An error and its sources, joined by ": ".
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
 }
 
 fn status_code_name(status: StatusCode) -> String {

@@ -4,6 +4,7 @@
 //! - [`protocol`]: the wire contract (frames, codec, authentication), shared by both programs.
 //! - [`server`]: the gateway's data port, sessions and disk writers.
 //! - [`backend`]: volumes and snapshots (`local` today; cloud backends implement the same).
+//! - [`cli`]: what the programs share at their edges (logging, signals, error chains).
 //! - [`config`]: the one config struct.
 //! - [`http_client`]: JSON over HTTP(S) for the upward channel and the `sync-control` CLI.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
@@ -16,6 +17,7 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod control_plane;
 pub mod durable;

@@ -104,20 +104,7 @@ impl AgentError {
 }
 
 /// The error and its causes on one line, `a: b: c`.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        // thiserror `transparent` and io wrappers sometimes repeat their source's text.
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
-}
+pub use crate::cli::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

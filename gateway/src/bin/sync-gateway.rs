@@ -91,7 +91,7 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
             let rt = runtime()?;
             rt.block_on(async move {
                 let cancel = CancellationToken::new();
-                tokio::spawn(shutdown_on_signal(cancel.clone()));
+                tokio::spawn(sync_gateway::cli::shutdown_on_signal(cancel.clone()));
                 sync_gateway::server::run(config, cancel)
                     .await
                     .map_err(|e| (e.exit_code(), Box::new(e) as Box<dyn std::error::Error>))
@@ -164,31 +164,5 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
 
 fn init_logging(config: &Config) {
     let filter = std::env::var("SYNC_GATEWAY_LOG").unwrap_or_else(|_| config.log.level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    cancel.cancel();
+    sync_gateway::cli::init_logging(&filter, config.log.format == LogFormat::Json);
 }

@@ -262,21 +262,6 @@ impl CliError {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        // Some errors (hyper's among them) already print their source: say it once.
-        let part = s.to_string();
-        if !msg.contains(&part) {
-            msg.push_str(": ");
-            msg.push_str(&part);
-        }
-        src = s.source();
-    }
-    msg
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -286,7 +271,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sync-control: error: {}", error_chain(&e));
+            eprintln!(
+                "sync-control: error: {}",
+                sync_gateway::cli::error_chain(&e)
+            );
             ExitCode::from(e.exit_code())
         }
     }
@@ -323,13 +311,16 @@ fn serve(state_dir: &Path, args: &ServeArgs) -> ExitCode {
     };
     let result = rt.block_on(async move {
         let cancel = CancellationToken::new();
-        tokio::spawn(shutdown_on_signal(cancel.clone()));
+        tokio::spawn(sync_gateway::cli::shutdown_on_signal(cancel.clone()));
         control_plane::serve(config, cancel).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sync-control: error: {}", error_chain(&e));
+            eprintln!(
+                "sync-control: error: {}",
+                sync_gateway::cli::error_chain(&e)
+            );
             ExitCode::FAILURE
         }
     }
@@ -337,33 +328,7 @@ fn serve(state_dir: &Path, args: &ServeArgs) -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = std::env::var("SYNC_CONTROL_LOG").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-async fn shutdown_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-    cancel.cancel();
+    sync_gateway::cli::init_logging(&filter, matches!(format, LogFormat::Json));
 }
 
 /// A connection to the control plane with the operator token.
