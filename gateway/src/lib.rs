@@ -7,6 +7,7 @@
 //! - [`cli`]: what the programs share at their edges (logging, signals, error chains).
 //! - [`config`]: the one config struct.
 //! - [`http_client`]: JSON over HTTP(S) for the upward channel and the `sync-control` CLI.
+//! - [`net`]: the bounded accept loop every listening port uses.
 //! - [`durable`]: crash-safe persistence helpers used wherever state is saved.
 //! - [`retention`]: which snapshots a tiered retention policy keeps.
 //! - [`api`]: the upward channel's JSON contract (gateway ↔ control plane).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod control_plane;
 pub mod durable;
 pub mod http_client;
+pub mod net;
 pub mod protocol;
 pub mod retention;
 pub mod server;

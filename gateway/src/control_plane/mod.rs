@@ -29,10 +29,9 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::durable::{atomic_write, create_dir_all_durable};
 pub use routes::{App, Settings};
@@ -380,28 +379,9 @@ async fn accept_loop(
     app: Arc<App>,
     cancel: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = crate::net::Acceptor::new(listener, MAX_CONNECTIONS, "sync-control");
     let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer, permit)) = acceptor.next(&cancel).await {
         let (app, cancel, tls) = (app.clone(), cancel.clone(), tls.clone());
         tracker.spawn(async move {
             match tls {
@@ -418,7 +398,7 @@ async fn accept_loop(
             drop(permit);
         });
     }
-    drop(listener);
+    drop(acceptor);
     tracker.close();
     tracker.wait().await;
 }

@@ -53,10 +53,9 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::disk::{DiskRegistry, DiskStats, ErrorCounts};
 
@@ -102,27 +101,9 @@ pub struct Sources {
 /// Serves the metrics port until `cancel` fires. Connections still open then are dropped: a
 /// scrape has nothing to drain.
 pub async fn serve(listener: TcpListener, sources: Sources, cancel: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = crate::net::Acceptor::new(listener, MAX_CONNECTIONS, "metrics");
     let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "metrics port: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, _peer, permit)) = acceptor.next(&cancel).await {
         let sources = sources.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
@@ -147,7 +128,7 @@ pub async fn serve(listener: TcpListener, sources: Sources, cancel: Cancellation
             drop(permit);
         });
     }
-    drop(listener);
+    drop(acceptor);
     tracker.close();
     tracker.wait().await;
 }

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::backend::{Backend, BackendError, BufferPool};
 use crate::config::{Config, ConfigError, Limits};
@@ -344,40 +344,20 @@ pub async fn run_with_control(
         let _ = ready.send(control.clone());
     }
 
-    let conn_permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let acceptor = crate::net::Acceptor::new(listener, shared.limits.max_connections, "data");
     let tracker = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = conn_permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer, permit)) = acceptor.next(&cancel).await {
         shared
             .stats
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tracker.spawn(async move {
             session::serve(stream, peer, shared).await;
             drop(permit);
         });
     }
-    drop(listener);
+    drop(acceptor);
     tracker.close();
     let drain = Duration::from_secs(shared.limits.drain_timeout_secs + 5);
     info!(sessions = tracker.len(), "shutting down: draining sessions");
