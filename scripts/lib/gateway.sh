@@ -4,11 +4,11 @@
 
 IMAGETOOL=(python3 "$LIB_DIR/imagetool.py")
 
-# write_gateway_config FILE DATA_DIR DISK_ID SIZE_BYTES KEY_FILE
-# A standalone gateway on loopback with a port picked by the kernel.
-write_gateway_config() {
-    local file=$1 data_dir=$2 disk=$3 size=$4 key=$5
-    cat >"$file" <<EOF
+# gateway_config_head DATA_DIR : the part every demo/bench gateway config shares (loopback, a
+# port picked by the kernel, the local backend, text logs).
+gateway_config_head() {
+    local data_dir=$1
+    cat <<EOF
 # written by $SCRIPT_NAME
 listen = "127.0.0.1:0"
 data_dir = "$data_dir"
@@ -19,12 +19,23 @@ kind = "local"
 [log]
 format = "text"
 level = "info"
+EOF
+}
+
+# write_gateway_config FILE DATA_DIR DISK_ID SIZE_BYTES KEY_FILE
+# A standalone gateway on loopback with a port picked by the kernel.
+write_gateway_config() {
+    local file=$1 data_dir=$2 disk=$3 size=$4 key=$5
+    {
+        gateway_config_head "$data_dir"
+        cat <<EOF
 
 [[disks]]
 id = "$disk"
 size_bytes = $size
 key_file = "$key"
 EOF
+    } >"$file"
 }
 
 # write_gateway_config_cp FILE DATA_DIR CONTROL_URL TOKEN_FILE
@@ -32,17 +43,9 @@ EOF
 # loopback metrics port.
 write_gateway_config_cp() {
     local file=$1 data_dir=$2 url=$3 token_file=$4
-    cat >"$file" <<EOF
-# written by $SCRIPT_NAME
-listen = "127.0.0.1:0"
-data_dir = "$data_dir"
-
-[backend]
-kind = "local"
-
-[log]
-format = "text"
-level = "info"
+    {
+        gateway_config_head "$data_dir"
+        cat <<EOF
 
 [metrics]
 listen = "127.0.0.1:0"
@@ -58,6 +61,7 @@ url = "$url"
 bootstrap_token_file = "$token_file"
 report_interval_secs = 2
 EOF
+    } >"$file"
 }
 
 # start_control STATE_DIR LOG : starts `sync-control serve` on a free loopback port, waits for
