@@ -3,6 +3,8 @@
 //! checked against its own OpenAPI document.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "common/control.rs"]
 mod control;
 

@@ -182,26 +182,12 @@ impl ControlPlane {
     /// SIGTERM and wait for the exit (at most 15 s).
     pub fn stop(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("sync-control is running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(ok.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = c.try_wait().expect("try_wait") {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "sync-control ignored SIGTERM for 15 s\n{}",
-                    self.log_tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::common::terminate_child(&mut c, Duration::from_secs(15)).unwrap_or_else(|| {
+            panic!(
+                "sync-control ignored SIGTERM for 15 s\n{}",
+                self.log_tail(40)
+            )
+        })
     }
 
     /// Stops (SIGTERM) and starts again on the same state dir (on a new port).

@@ -358,26 +358,12 @@ impl Gateway {
     /// SIGTERM, then waits up to `within` for the exit status.
     pub fn terminate(&mut self, within: Duration) -> ExitStatus {
         let mut c = self.child.take().expect("gateway is running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(ok.success(), "kill -TERM failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = c.try_wait().expect("try_wait") {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!(
-                    "gateway did not exit within {within:?} of SIGTERM\n{}",
-                    self.log_tail(60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        terminate_child(&mut c, within).unwrap_or_else(|| {
+            panic!(
+                "gateway did not exit within {within:?} of SIGTERM\n{}",
+                self.log_tail(60)
+            )
+        })
     }
 
     pub fn log_text(&self) -> String {
@@ -1037,6 +1023,28 @@ fn compare_files(a: &Path, b: &Path, prefix: Option<u64>) -> Option<String> {
 }
 
 #[track_caller]
+/// SIGTERM to `child`, then its exit status within `within`; `None` (after a SIGKILL) when it
+/// ignored the signal.
+pub fn terminate_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill -TERM");
+    assert!(ok.success(), "kill -TERM failed");
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn assert_same_file(actual: &Path, expected: &Path, what: &str) {
     if let Some(d) = first_difference(actual, expected) {
         panic!("{what}: {d}");
