@@ -397,6 +397,30 @@ pub struct GatewayStatus {
     /// Reports dropped because the queue was full while the control plane was unreachable.
     #[serde(default)]
     pub reports_dropped: u64,
+    /// Where the gateway runs in its cloud and how its cloud API calls go (cloud backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudStatus>,
+}
+
+/// The gateway's place in its cloud, and the health of its calls to the cloud's API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CloudStatus {
+    /// `aws` or `aliyun`.
+    pub provider: String,
+    pub region: String,
+    pub availability_zone: String,
+    /// The gateway VM's own instance id.
+    pub instance_id: String,
+    /// API calls retried so far (throttling, 5xx, timeouts, eventual consistency).
+    pub api_retries: u64,
+    /// Of those, the ones the cloud throttled.
+    pub api_throttled: u64,
+    /// The error behind the latest retry or failed call, with the cloud's code and request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_last_error: Option<String>,
+    /// Cloud snapshots that failed and were taken again.
+    #[serde(default)]
+    pub snapshots_retried: u64,
 }
 
 /// Replication state of a disk, as the console shows it.
@@ -506,6 +530,9 @@ pub struct DiskStatus {
     /// Protocol errors by code since the gateway started.
     #[serde(default)]
     pub errors: BTreeMap<String, u64>,
+    /// The cloud volume the disk is replicated into (`vol-…`), on cloud backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
 }
 
 /// The newest checkpoint of a disk.

@@ -119,6 +119,9 @@ pub enum BackendConfig {
         #[serde(default)]
         snapshot_copy_bytes_per_sec: u64,
     },
+    /// EBS volumes attached to this EC2 instance, EBS snapshots, launches by AMI (see
+    /// [`sync_aws::AwsSettings`] for the keys).
+    Aws(Box<sync_aws::AwsSettings>),
 }
 
 impl Default for BackendConfig {
@@ -466,6 +469,52 @@ key_file = "/etc/sync-gateway/keys/disk-1.key"   # 32 random bytes as 64 hex cha
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn the_aws_backend_table_loads_and_typos_are_refused() {
+        let text = r#"
+listen = "127.0.0.1:1500"
+data_dir = "/var/lib/sync-gateway"
+[backend]
+kind = "aws"
+region = "us-east-1"
+endpoint_url = "http://127.0.0.1:5000"
+imds_endpoint = "http://127.0.0.1:5001"
+device_dir = "/dev/disk/by-id"
+volume_type = "io2"
+iops = 4000
+tags = { team = "dr" }
+boot_mode = "uefi"
+"#;
+        let c = Config::from_toml(text, "test", no_env()).unwrap();
+        let BackendConfig::Aws(a) = &c.backend else {
+            panic!("not aws: {:?}", c.backend)
+        };
+        assert_eq!(a.region.as_deref(), Some("us-east-1"));
+        assert_eq!(a.imds_endpoint, "http://127.0.0.1:5001");
+        assert_eq!(a.volume_type, "io2");
+        assert_eq!(a.iops, Some(4000));
+        assert_eq!(a.boot_mode, sync_aws::BootModeSetting::Uefi);
+        // Defaults: real IMDS, gp3, encrypted.
+        let c = Config::from_toml(
+            "data_dir = \"/x\"\n[backend]\nkind = \"aws\"\n",
+            "test",
+            no_env(),
+        )
+        .unwrap();
+        let BackendConfig::Aws(a) = &c.backend else {
+            panic!()
+        };
+        assert_eq!(a.imds_endpoint, "http://169.254.169.254");
+        assert!(a.encrypted && a.volume_type == "gp3");
+        let err = Config::from_toml(
+            "data_dir = \"/x\"\n[backend]\nkind = \"aws\"\nregoin = \"x\"\n",
+            "test",
+            no_env(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("regoin"), "{err}");
     }
 
     #[test]

@@ -225,6 +225,28 @@ wait_for_file() {
     return 1
 }
 
+# install_python_env : Python packages for tests and scripts that drive Python tools (moto,
+# boto3): listed in tests/requirements.txt and they are installed into $REPO_ROOT/.venv, which is put on PATH.
+# The venv is rebuilt only when that file changes.
+install_python_env() {
+    local req="$REPO_ROOT/tests/requirements.txt" venv="$REPO_ROOT/.venv" want have=''
+    [[ -f "$req" ]] || return 0
+    ensure_apt_packages python3-venv
+    want=$(sha256sum "$req" | cut -d' ' -f1)
+    [[ -f "$venv/.requirements.sha256" ]] && have=$(<"$venv/.requirements.sha256")
+    if [[ "$want" != "$have" || ! -x "$venv/bin/python" ]]; then
+        info "creating $venv from tests/requirements.txt"
+        rm -rf -- "$venv"
+        python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req" ||
+            die "pip install -r tests/requirements.txt failed"
+        printf '%s\n' "$want" >"$venv/.requirements.sha256"
+    else
+        info "python venv up to date: $venv"
+    fi
+    export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
+}
+
 # wait_for_listen PORT TIMEOUT_S : waits until a TCP socket listens on PORT (reads /proc/net/tcp*,
 # so it never connects and never uses up a one-shot listener such as `nc -l`).
 wait_for_listen() {

@@ -166,6 +166,8 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// `(key, raw TOML value)` lines of `[limits]`.
     pub limits: Vec<(String, String)>,
+    /// `[backend] kind`: `local` unless set.
+    pub backend_kind: String,
     /// `(key, raw TOML value)` lines of `[backend]` after `kind`.
     pub backend: Vec<(String, String)>,
     pub disks: Vec<DiskSpec>,
@@ -179,6 +181,7 @@ impl GatewayConfig {
             listen: "127.0.0.1:0".into(),
             data_dir,
             limits: Vec::new(),
+            backend_kind: "local".into(),
             backend: Vec::new(),
             disks: Vec::new(),
             extra: String::new(),
@@ -189,6 +192,12 @@ impl GatewayConfig {
     pub fn extra_toml(mut self, text: &str) -> Self {
         self.extra.push_str(text);
         self.extra.push('\n');
+        self
+    }
+
+    /// Sets `[backend] kind`.
+    pub fn backend_kind(mut self, kind: &str) -> Self {
+        self.backend_kind = kind.into();
         self
     }
 
@@ -217,7 +226,7 @@ impl GatewayConfig {
         let q = |p: &Path| toml_str(&p.display().to_string());
         let _ = writeln!(s, "listen = {}", toml_str(&self.listen));
         let _ = writeln!(s, "data_dir = {}", q(&self.data_dir));
-        s.push_str("[backend]\nkind = \"local\"\n");
+        let _ = writeln!(s, "[backend]\nkind = {}", toml_str(&self.backend_kind));
         for (k, v) in &self.backend {
             let _ = writeln!(s, "{k} = {v}");
         }

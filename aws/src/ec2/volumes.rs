@@ -75,8 +75,9 @@ impl Ec2 {
         Ok(VolumeId(id.to_owned()))
     }
 
-    /// A volume made by an earlier `create_volume` with this token, unless deleted.
-    async fn volume_by_client_token(
+    /// A volume made by an earlier `create_volume` with this token, unless deleted (how the
+    /// gateway finds a disk's staging volume again when its own record is gone).
+    pub async fn volume_by_client_token(
         &self,
         client_token: &str,
     ) -> Result<Option<VolumeId>, AwsError> {

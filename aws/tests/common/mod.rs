@@ -2,7 +2,10 @@
 #![allow(dead_code)] // each test binary uses a different part
 #![allow(clippy::unwrap_used)]
 
+// Shared with the gateway's end-to-end AWS test, which includes the same files.
+#[path = "../../../tests/common/moto.rs"]
 pub mod moto;
+#[path = "../../../tests/common/ec2_proxy.rs"]
 pub mod proxy;
 
 use std::collections::BTreeMap;

@@ -141,6 +141,7 @@ impl LocalBackend {
             method: "reflink".into(),
             path: Some(img.clone()),
             state: SnapshotState::Completed,
+            replaces: None,
         };
         if rustix::fs::ioctl_ficlone(&out, volume.file()).is_ok() {
             out.sync_all().map_err(io("sync", &img))?;
@@ -292,6 +293,7 @@ impl LocalBackend {
             created_unix_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
                 as u64,
             disks,
+            image_id: None,
         };
         let meta = dir.join("instance.json");
         let json = serde_json::to_vec_pretty(&info).unwrap_or_default();

@@ -1,7 +1,9 @@
 //! Volumes and snapshots behind one interface. Each backend kind is a variant of [`Backend`];
 //! the replication path only sees [`Volume`] and [`SnapshotInfo`].
 
+pub mod aws;
 pub mod bootmode;
+pub mod cloud;
 pub mod cow;
 pub mod device;
 pub mod local;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use aws::AwsBackend;
 pub use local::LocalBackend;
 pub use volume::{AlignedBuf, BufferPool, Volume};
 
@@ -34,7 +37,7 @@ pub struct SnapshotInfo {
     pub created: String,
     /// Size of the disk in bytes.
     pub size_bytes: u64,
-    /// How the copy was made: `reflink` or `sparse-copy`.
+    /// How the copy was made: `reflink` or `copy-before-write` (local), `ebs` (aws).
     pub method: String,
     /// Where the snapshot's content lives (local backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,6 +45,18 @@ pub struct SnapshotInfo {
     /// `pending` from initiation until the content is complete, then `completed` (or `failed`).
     #[serde(default)]
     pub state: SnapshotState,
+    /// A cloud snapshot that failed and was taken again with the same content is replaced by
+    /// a new one under a new id; this names the one it replaces (so the checkpoint that
+    /// recorded the old id still finds its content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+impl SnapshotInfo {
+    /// Whether this is snapshot `id`, or the replacement of a failed snapshot `id`.
+    pub fn stands_for(&self, id: &str) -> bool {
+        self.id == id || self.replaces.as_deref() == Some(id)
+    }
 }
 
 /// Life of a snapshot: point-in-time at initiation, usable once completed.
@@ -77,6 +92,9 @@ pub struct LaunchInfo {
     pub created_unix_ms: u64,
     /// The snapshot each disk was made from, and where the disk is.
     pub disks: Vec<LaunchDisk>,
+    /// The image registered for the launch (cloud backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 /// One disk of a launched instance.
@@ -104,6 +122,8 @@ pub enum Snapshot {
     Ready(SnapshotInfo),
     /// Being copied; later writes to the volume must call [`Snapshot::preserve`] first.
     Copying(Arc<cow::SnapshotCopy>),
+    /// Taken by the cloud, which completes it in its own time; writes need no preserving.
+    Cloud(Arc<cloud::CloudSnapshot>),
 }
 
 impl Snapshot {
@@ -112,13 +132,14 @@ impl Snapshot {
         match self {
             Snapshot::Ready(i) => i,
             Snapshot::Copying(c) => c.info(),
+            Snapshot::Cloud(c) => c.info(),
         }
     }
 
     /// Saves the snapshot's view of `[offset, offset + len)` before the volume changes there.
     pub fn preserve(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match self {
-            Snapshot::Ready(_) => Ok(()),
+            Snapshot::Ready(_) | Snapshot::Cloud(_) => Ok(()),
             Snapshot::Copying(c) => c.preserve(offset, len),
         }
     }
@@ -128,7 +149,14 @@ impl Snapshot {
         match self {
             Snapshot::Ready(_) => true,
             Snapshot::Copying(c) => c.is_done(),
+            Snapshot::Cloud(c) => c.is_done(),
         }
+    }
+
+    /// Whether completing it is this process's work (a local copy a shutdown should let
+    /// finish), rather than the cloud's.
+    pub fn is_local_work(&self) -> bool {
+        matches!(self, Snapshot::Copying(_))
     }
 
     /// Blocks until the content is complete.
@@ -136,6 +164,7 @@ impl Snapshot {
         match self {
             Snapshot::Ready(i) => Ok(i.clone()),
             Snapshot::Copying(c) => c.wait(),
+            Snapshot::Cloud(c) => c.wait(),
         }
     }
 }
@@ -176,25 +205,84 @@ pub enum BackendError {
     /// A disk or snapshot id that is not a single plain path component.
     #[error("disk {disk}: snapshot id {snapshot:?} is not a valid name")]
     InvalidSnapshotId { disk: String, snapshot: String },
+    /// A cloud API call failed (after its retries); carries the cloud's error code and request
+    /// id in its text.
+    #[error("disk {disk}: {error}")]
+    Cloud {
+        disk: String,
+        error: Box<sync_aws::AwsError>,
+    },
+    /// The attached cloud disk's block device did not show up.
+    #[error("disk {disk}: {error}")]
+    Device {
+        disk: String,
+        error: device::DeviceError,
+    },
+    /// The backend cannot do this (e.g. read a cloud snapshot's content).
+    #[error("disk {disk}: {message}")]
+    Unsupported { disk: String, message: String },
+    /// The backend could not start (identity or endpoint unavailable).
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl BackendError {
+    /// A failed cloud call concerning `disk` (`*` for none in particular).
+    pub fn cloud(disk: &str, error: sync_aws::AwsError) -> Self {
+        BackendError::Cloud {
+            disk: disk.to_string(),
+            error: Box::new(error),
+        }
+    }
 }
 
 /// The configured backend.
 #[derive(Debug)]
 pub enum Backend {
     Local(LocalBackend),
+    Aws(AwsBackend),
 }
 
 impl Backend {
-    /// Builds the backend named in the config.
-    pub fn from_config(config: &Config) -> Self {
+    /// Builds the backend named in the config. A cloud backend first learns who it is from
+    /// the instance metadata service (retried for a while: on first boot the network may come
+    /// up after the gateway).
+    pub async fn open(config: &Config) -> Result<Self, BackendError> {
         match &config.backend {
             BackendConfig::Local {
                 direct_io,
                 snapshot_copy_bytes_per_sec,
-            } => Backend::Local(
+            } => Ok(Backend::Local(
                 LocalBackend::new(config.data_dir.clone(), *direct_io)
                     .with_copy_rate(*snapshot_copy_bytes_per_sec),
-            ),
+            )),
+            BackendConfig::Aws(settings) => Ok(Backend::Aws(
+                AwsBackend::open((**settings).clone(), config.data_dir.clone()).await?,
+            )),
+        }
+    }
+
+    /// The cloud's signed identity document of this gateway VM, for registration.
+    pub fn identity(&self) -> Option<crate::api::IdentityDocument> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Aws(b) => b.identity(),
+        }
+    }
+
+    /// Where the gateway runs in its cloud, and how its API calls are going.
+    pub fn cloud_status(&self) -> Option<crate::api::CloudStatus> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Aws(b) => Some(b.cloud_status()),
+        }
+    }
+
+    /// The cloud volume holding `disk_id` (cloud backends).
+    pub fn volume_id(&self, disk_id: &str) -> Option<String> {
+        match self {
+            Backend::Local(_) => None,
+            Backend::Aws(b) => b.volume_id(disk_id),
         }
     }
 
@@ -205,6 +293,7 @@ impl Backend {
                 let (b, id) = (b.clone(), disk_id.to_string());
                 blocking(move || b.open_volume(&id, size)).await
             }
+            Backend::Aws(b) => b.open_volume(disk_id, size).await,
         }
     }
 
@@ -220,6 +309,7 @@ impl Backend {
                 let b = b.clone();
                 blocking(move || b.begin_snapshot(&volume, &req)).await
             }
+            Backend::Aws(b) => b.begin_snapshot(volume, req).await,
         }
     }
 
@@ -230,6 +320,7 @@ impl Backend {
                 let (b, id) = (b.clone(), disk_id.to_string());
                 blocking(move || b.recover(&id)).await
             }
+            Backend::Aws(b) => b.recover(disk_id).await,
         }
     }
 
@@ -243,6 +334,7 @@ impl Backend {
                 let (b, id) = (b.clone(), disk_id.map(str::to_string));
                 blocking(move || b.list_snapshots(id.as_deref())).await
             }
+            Backend::Aws(b) => b.list_snapshots(disk_id).await,
         }
     }
 
@@ -254,6 +346,7 @@ impl Backend {
                 let (b, s) = (b.clone(), info.clone());
                 blocking(move || b.delete_snapshot(&s)).await
             }
+            Backend::Aws(b) => b.delete_snapshot(info).await,
         }
     }
 
@@ -269,6 +362,7 @@ impl Backend {
                 let b = b.clone();
                 blocking(move || b.launch(&snapshots, test)).await
             }
+            Backend::Aws(b) => b.launch(snapshots, test).await,
         }
     }
 
@@ -279,6 +373,7 @@ impl Backend {
                 let b = b.clone();
                 blocking(move || b.list_launches()).await
             }
+            Backend::Aws(b) => b.list_launches().await,
         }
     }
 
@@ -289,6 +384,7 @@ impl Backend {
                 let (b, id) = (b.clone(), disk_id.to_string());
                 blocking(move || b.release_volume(&id)).await
             }
+            Backend::Aws(b) => b.release_volume(disk_id).await,
         }
     }
 
@@ -296,6 +392,7 @@ impl Backend {
     pub fn kind(&self) -> &'static str {
         match self {
             Backend::Local(_) => "local",
+            Backend::Aws(_) => "aws",
         }
     }
 
@@ -306,6 +403,7 @@ impl Backend {
                 let (b, s) = (b.clone(), snap.clone());
                 blocking(move || b.snapshot_digest(&s)).await
             }
+            Backend::Aws(b) => b.snapshot_digest(snap).await,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use rustix::fs::FallocateFlags;
@@ -24,6 +25,8 @@ pub struct Volume {
     size: u64,
     buffered: File,
     direct: Option<File>,
+    /// Writes started so far (see [`Volume::generation`]).
+    writes: AtomicU64,
 }
 
 impl Volume {
@@ -52,6 +55,7 @@ impl Volume {
             size,
             buffered,
             direct,
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -65,8 +69,17 @@ impl Volume {
         &self.path
     }
 
+    /// How many writes (and zeroings) have started on this handle. Counted before the write
+    /// goes out, so an unchanged generation across an interval means the volume's content did
+    /// not change in it: a cloud backend uses this to know whether a failed snapshot can be
+    /// taken again with the same content.
+    pub fn generation(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
     /// Writes `buf` at `offset`. Aligned writes from an aligned buffer bypass the page cache.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
         let aligned = buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
             && buf.len() % DIRECT_ALIGN == 0
             && offset % DIRECT_ALIGN as u64 == 0;
@@ -84,6 +97,7 @@ impl Volume {
 
     /// Makes `[offset, offset + len)` read as zeros, deallocating it where possible.
     pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
         let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
         match rustix::fs::fallocate(&self.buffered, flags, offset, len) {
             Ok(()) => Ok(()),

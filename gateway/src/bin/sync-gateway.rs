@@ -110,9 +110,11 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Snapshots { config, disk, json } => {
             let config = Config::load(&config).map_err(fail(2))?;
-            let backend = Backend::from_config(&config);
             let snaps = runtime()?
-                .block_on(backend.list_snapshots(disk.as_deref()))
+                .block_on(async {
+                    let backend = Backend::open(&config).await?;
+                    backend.list_snapshots(disk.as_deref()).await
+                })
                 .map_err(fail(1))?;
             if json {
                 println!(

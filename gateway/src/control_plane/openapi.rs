@@ -270,7 +270,13 @@ fn schemas() -> Value {
             "cpu_percent": { "type": "number" }, "memory_rss_bytes": INT(),
             "memory_total_bytes": INT(), "memory_available_bytes": INT(),
             "data_free_bytes": INT(), "data_total_bytes": INT(), "open_sessions": INT(),
-            "policy": schema_ref("Policy"), "reports_dropped": INT() })),
+            "policy": schema_ref("Policy"), "reports_dropped": INT(),
+            "cloud": schema_ref("CloudStatus") })),
+        "CloudStatus": object(&["provider", "region", "availability_zone", "instance_id",
+            "api_retries", "api_throttled"], json!({
+            "provider": STR(), "region": STR(), "availability_zone": STR(), "instance_id": STR(),
+            "api_retries": INT(), "api_throttled": INT(), "api_last_error": STR(),
+            "snapshots_retried": INT() })),
         "DiskState": { "type": "string", "enum": disk_states },
         "DiskPhase": { "type": "string", "enum": ["replicating", "revoked", "cut-over", "finalized"] },
         "DiskStatus": object(&["disk_id", "state", "phase", "connected", "bytes_total",
@@ -283,7 +289,8 @@ fn schemas() -> Value {
             "last_checkpoint": schema_ref("CheckpointSummary"),
             "last_snapshot": schema_ref("SnapshotSummary"),
             "snapshots": array_of("SnapshotSummary"), "last_error": STR(),
-            "errors": { "type": "object", "additionalProperties": INT() } })),
+            "errors": { "type": "object", "additionalProperties": INT() },
+            "volume_id": STR() })),
         "CheckpointSummary": object(&["seq", "label", "snapshot_id", "created_unix_ms"], json!({
             "seq": INT(), "label": STR(), "snapshot_id": STR(), "created_unix_ms": INT() })),
         "SnapshotSummary": object(&["id", "label", "state", "created_unix_ms", "checkpoint_seq"], json!({
@@ -292,7 +299,7 @@ fn schemas() -> Value {
             "created_unix_ms": INT(), "checkpoint_seq": INT() })),
         "LaunchInfo": object(&["instance_id", "test", "state", "created_unix_ms", "disks"], json!({
             "instance_id": STR(), "test": BOOL(), "state": STR(), "created_unix_ms": INT(),
-            "disks": array_of("LaunchDisk") })),
+            "disks": array_of("LaunchDisk"), "image_id": STR() })),
         "LaunchDisk": object(&["disk_id", "snapshot_id"], json!({
             "disk_id": STR(), "snapshot_id": STR(), "path": STR() })),
         "Policy": object(&[], json!({

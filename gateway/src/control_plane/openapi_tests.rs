@@ -120,6 +120,7 @@ fn full_disk_status() -> DiskStatus {
         snapshots: vec![snap],
         last_error: Some("oops".into()),
         errors: [("bad_frame".to_string(), 2)].into_iter().collect(),
+        volume_id: Some("vol-0123456789abcdef0".into()),
     }
 }
 
@@ -145,6 +146,16 @@ fn full_gateway_status() -> GatewayStatus {
             bandwidth_limit_bytes_per_sec: Some(5),
         },
         reports_dropped: 0,
+        cloud: Some(crate::api::CloudStatus {
+            provider: "aws".into(),
+            region: "us-east-1".into(),
+            availability_zone: "us-east-1a".into(),
+            instance_id: "i-0123456789abcdef0".into(),
+            api_retries: 3,
+            api_throttled: 2,
+            api_last_error: Some("ec2:CreateVolume failed: RequestLimitExceeded".into()),
+            snapshots_retried: 1,
+        }),
     }
 }
 
@@ -159,6 +170,7 @@ fn launch() -> LaunchInfo {
             snapshot_id: "snap-1".into(),
             path: Some("/x".into()),
         }],
+        image_id: Some("ami-0123456789abcdef0".into()),
     }
 }
 

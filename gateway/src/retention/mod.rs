@@ -237,10 +237,13 @@ pub async fn prune(
 ) -> Result<RetentionPlan, BackendError> {
     let snapshots = backend.list_snapshots(Some(disk_id)).await?;
     let mut decided = plan(policy, &snapshots, now_unix_ms);
-    let (spared, delete): (Vec<_>, Vec<_>) = decided
-        .delete
-        .into_iter()
-        .partition(|(id, _)| protected.contains(id));
+    let (spared, delete): (Vec<_>, Vec<_>) = decided.delete.into_iter().partition(|(id, _)| {
+        // A retaken cloud snapshot stands for the failed one a checkpoint recorded.
+        protected.contains(id)
+            || snapshots
+                .iter()
+                .any(|s| &s.id == id && protected.iter().any(|p| s.stands_for(p)))
+    });
     decided.delete = delete;
     decided.keep.extend(spared.into_iter().map(|(id, _)| id));
     for (id, reason) in &decided.delete {

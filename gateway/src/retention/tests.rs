@@ -20,6 +20,7 @@ fn snap(id: &str, created_unix_ms: u64, state: SnapshotState) -> SnapshotInfo {
         method: "reflink".into(),
         path: None,
         state,
+        replaces: None,
     }
 }
 

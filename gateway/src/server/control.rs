@@ -506,7 +506,15 @@ impl Control {
             return self.completed(s).await;
         }
         let all = self.shared.backend.list_snapshots(Some(&disk.id)).await?;
-        match all.into_iter().find(|s| s.id == wanted) {
+        // The newest snapshot standing for the wanted one (a failed cloud snapshot retaken
+        // under a new id stands for it).
+        let found = all
+            .iter()
+            .rev()
+            .find(|s| s.stands_for(&wanted) && s.state == SnapshotState::Completed)
+            .or_else(|| all.iter().rev().find(|s| s.stands_for(&wanted)))
+            .cloned();
+        match found {
             Some(s) if s.state == SnapshotState::Completed => Ok(s),
             Some(s) => Err(ControlError::Snapshot {
                 disk: disk.id.clone(),

@@ -122,6 +122,8 @@ pub enum GatewayError {
         "data dir {path} is in use by another sync-gateway (lock held on {path}/gateway.lock)"
     )]
     Locked { path: String },
+    #[error("cannot start the backend")]
+    Setup(#[source] BackendError),
     #[error("cannot write {path}")]
     Write {
         path: String,
@@ -219,7 +221,7 @@ pub async fn run_with_control(
         source,
     })?;
     let _lock = lock_data_dir(&config.data_dir)?;
-    let backend = Arc::new(Backend::from_config(&config));
+    let backend = Arc::new(Backend::open(&config).await.map_err(GatewayError::Setup)?);
     let disks = Arc::new(DiskRegistry::default());
     let state_dir = config.data_dir.join("state");
     durable::create_dir_all_durable(&state_dir).map_err(|source| GatewayError::Write {
@@ -366,7 +368,11 @@ pub async fn run_with_control(
     }
     // Let snapshot copies in flight finish; one cut short is marked failed on the next start.
     for disk in shared.disks.all() {
-        for s in disk.snapshots_in_flight() {
+        for s in disk
+            .snapshots_in_flight()
+            .into_iter()
+            .filter(|s| s.is_local_work())
+        {
             info!(disk = %disk.id, snapshot = %s.info().id, "waiting for snapshot copy");
             let wait = tokio::task::spawn_blocking(move || s.wait());
             if tokio::time::timeout(drain, wait).await.is_err() {

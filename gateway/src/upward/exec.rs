@@ -60,7 +60,7 @@ async fn run(
     id: &str,
     action: Action,
 ) -> Result<(String, serde_json::Value), String> {
-    let e = |e: crate::server::control::ControlError| e.to_string();
+    let e = |e: crate::server::control::ControlError| crate::cli::error_chain(&e);
     match action {
         Action::AssignDisk(a) => {
             let key = parse_agent_key(&a.disk_id, &a.agent_key).map_err(e)?;

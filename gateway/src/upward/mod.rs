@@ -242,7 +242,7 @@ async fn try_register(
         version: env!("CARGO_PKG_VERSION").to_string(),
         backend: status.backend_kind().to_string(),
         data_port: status.data_port(),
-        identity: None,
+        identity: status.identity(),
     };
     let resp: RegisterResponse = client
         .call(

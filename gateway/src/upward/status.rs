@@ -59,6 +59,11 @@ impl StatusSource {
         self.control.shared().backend.kind()
     }
 
+    /// The cloud's signed identity document of this VM, for registration.
+    pub fn identity(&self) -> Option<crate::api::IdentityDocument> {
+        self.control.shared().backend.identity()
+    }
+
     /// The gateway's state now.
     pub async fn report(&self, gateway_id: &str, reports_dropped: u64) -> StatusReport {
         let shared = self.control.shared().clone();
@@ -116,6 +121,7 @@ impl StatusSource {
                 open_sessions,
                 policy: shared.policy.snapshot(),
                 reports_dropped,
+                cloud: shared.backend.cloud_status(),
             },
             disks,
             launches,
@@ -205,6 +211,7 @@ impl StatusSource {
             snapshots: recent(snaps),
             last_error: last_error.map(|(_, code, msg)| format!("{code}: {msg}")),
             errors,
+            volume_id: self.control.shared().backend.volume_id(&disk.id),
         }
     }
 }
@@ -242,6 +249,7 @@ fn finalized_status(id: &str, size: u64, snaps: &[SnapshotInfo]) -> DiskStatus {
         snapshots: recent(snaps),
         last_error: None,
         errors: BTreeMap::new(),
+        volume_id: None,
     }
 }
 
