@@ -455,8 +455,31 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
             "1000000000:1000000000",
         ],
     );
+    // A restart finds the same volume again (by its client-token tag and attachment) and the
+    // next pass is incremental.
+    assert_eq!(gw.terminate(Duration::from_secs(30)).code(), Some(0));
+    let mut gw = Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway-2.log"));
+    let disk = wait_disk(&cp, "web-01", "the disk back after the restart", |d| {
+        d.state == DiskState::Continuous && d.volume_id.as_deref() == Some(volume.as_str())
+    });
+    assert_eq!(disk.durable_seq, run.u64("checkpoint_seq"), "{disk:?}");
+    let created = cloud.proxy.requests_of("CreateVolume");
+    assert_eq!(
+        created.iter().filter(|r| !r.faulted).count(),
+        1,
+        "no second volume after the restart: {created:?}"
+    );
+    step(&format!(
+        "gateway restarted: same volume {volume}, same durable point"
+    ));
+    let agent = AgentCmd::new(gw.addr, "web-01", &key, &t.state_dir("web-01"), &src);
     apply_scattered_changes(&src, 10, 402);
     let run = agent.run(Duration::from_secs(300));
+    assert!(
+        run.u64("bytes_sent_wire") < size / 2,
+        "the pass after the restart is incremental: {}",
+        run.describe()
+    );
     run.expect_verified();
     let second_snap = run.str("snapshot_id");
     assert_volume_holds(&device, &src, "the staging volume after the second pass");
@@ -544,6 +567,16 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         },
     );
 
+    // The operator's table shows the cloud side: where, retries, volume, images.
+    let table = cp.cli_ok(&["status"]);
+    for want in [
+        format!("aws {REGION}"),
+        "API retries".to_string(),
+        volume.clone(),
+        test_image.clone(),
+    ] {
+        assert!(table.contains(&want), "{want:?} in\n{table}");
+    }
     step(&format!(
         "cutover: final snapshot {cut_snap}, instance {cut_instance}; replication stopped"
     ));

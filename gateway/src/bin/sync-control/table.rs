@@ -45,6 +45,27 @@ pub fn gateways(st: &ControlStatus) -> String {
             s.map_or_else(|| "-".into(), |s| bytes(s.data_free_bytes)),
         );
     }
+    // Where cloud gateways run and how their cloud API calls go.
+    for g in &st.gateways {
+        if let Some(c) = g.status.as_ref().and_then(|s| s.cloud.as_ref()) {
+            let _ = write!(
+                out,
+                "  {}: {} {} {} {}; API retries {} ({} throttled), snapshots retaken {}",
+                g.gateway_id,
+                c.provider,
+                c.region,
+                c.availability_zone,
+                c.instance_id,
+                c.api_retries,
+                c.api_throttled,
+                c.snapshots_retried
+            );
+            if let Some(e) = &c.api_last_error {
+                let _ = write!(out, "; last: {e}");
+            }
+            out.push('\n');
+        }
+    }
     out
 }
 
@@ -77,6 +98,10 @@ pub fn everything(st: &ControlStatus) -> String {
             .last_error
             .as_deref()
             .map_or(String::new(), |e| format!(" error: {e}"));
+        let snap = match &s.volume_id {
+            Some(v) => format!("{snap} on {v}"),
+            None => snap,
+        };
         let _ = writeln!(
             out,
             "{:<20} {:<20} {:<18} {:>6.1}% {:>10} {:>7} {:>7} {:>12}  {snap}{err}",
@@ -93,18 +118,19 @@ pub fn everything(st: &ControlStatus) -> String {
     if !st.launches.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<20} {:<20} {:<8} {:<10} DISKS",
-            "INSTANCE", "GATEWAY", "KIND", "STATE"
+            "\n{:<20} {:<20} {:<8} {:<10} {:<22} DISKS",
+            "INSTANCE", "GATEWAY", "KIND", "STATE", "IMAGE"
         );
         for l in &st.launches {
             let disks: Vec<&str> = l.launch.disks.iter().map(|d| d.disk_id.as_str()).collect();
             let _ = writeln!(
                 out,
-                "{:<20} {:<20} {:<8} {:<10} {}",
+                "{:<20} {:<20} {:<8} {:<10} {:<22} {}",
                 l.launch.instance_id,
                 l.gateway_id,
                 if l.launch.test { "test" } else { "cutover" },
                 l.launch.state,
+                l.launch.image_id.as_deref().unwrap_or("-"),
                 disks.join(",")
             );
         }
