@@ -316,6 +316,30 @@ async fn throttling_is_retried_and_counted() {
     ec2.describe_volume(&vol).await.unwrap();
 }
 
+/// EC2 is eventually consistent: right after CreateVolume, DescribeVolumes may answer
+/// `InvalidVolume.NotFound` for the new id. That is retried for a fresh resource only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_volume_not_yet_visible_is_waited_for() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url(), Vec::new()).await;
+    let ec2 = client(&proxy.url());
+    let vol = ec2
+        .create_volume(&format!("{REGION}a"), 1, "fresh", &tags(&[]))
+        .await
+        .unwrap();
+    let before = ec2.retry_stats().snapshot().retries;
+    proxy.add_fault(Fault {
+        action: Some("DescribeVolumes".into()),
+        times: 2,
+        status: 400,
+        code: "InvalidVolume.NotFound".into(),
+        forward_first: false,
+    });
+    let info = ec2.describe_volume(&vol).await.unwrap();
+    assert_eq!(info.id, vol);
+    assert_eq!(ec2.retry_stats().snapshot().retries - before, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_give_up_after_the_policy_and_keep_the_error() {
     let moto = Moto::start();
