@@ -541,6 +541,39 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     // Replication goes on after a test launch.
     assert_eq!(cp.disk("web-01").unwrap().phase, DiskPhase::Replicating);
 
+    // The test launch's AMI holds its snapshot: EC2 refuses DeleteSnapshot with
+    // InvalidSnapshot.InUse (moto does not link registered AMIs to snapshots, so the proxy
+    // answers it). Retention keeps that one and still prunes the others.
+    let mut passes = Vec::new();
+    for seed in [403, 404] {
+        cloud.proxy.add_fault(Fault {
+            action: Some("DeleteSnapshot".into()),
+            times: 1,
+            status: 400,
+            code: "InvalidSnapshot.InUse".into(),
+            forward_first: false,
+        });
+        apply_scattered_changes(&src, 2, seed);
+        let run = agent.run(Duration::from_secs(300));
+        run.expect_ok();
+        passes.push(run.str("snapshot_id"));
+    }
+    let third = passes[0].clone();
+    let disk = wait_disk(&cp, "web-01", "pruning around the in-use snapshot", |d| {
+        let ids: Vec<&str> = d.snapshots.iter().map(|s| s.id.as_str()).collect();
+        d.last_checkpoint.as_ref().map(|c| c.snapshot_id.as_str()) == Some(passes[1].as_str())
+            && ids.contains(&second_snap.as_str())
+            && !ids.contains(&third.as_str())
+    });
+    assert!(
+        gw.log_text()
+            .contains("retention keeps a snapshot the cloud holds for an image"),
+        "{disk:?}"
+    );
+    step(&format!(
+        "two more passes: {second_snap} kept (in use by the test AMI), {third} pruned"
+    ));
+
     // Cutover: a final snapshot at the checkpoint, an AMI and an instance, replication stopped.
     let v = command_ok(&cp, &["cutover", "--disk-id", "web-01"]);
     let launch = v["result"]["output"]["launch"].clone();

@@ -63,6 +63,9 @@ const LISTING_TTL: Duration = Duration::from_secs(15);
 const LAUNCH_STATE_TTL: Duration = Duration::from_secs(30);
 /// Times a failed snapshot is taken again before it is reported failed for good.
 const SNAPSHOT_RETRIES: u32 = 3;
+/// Progress checks in a row that may fail (each after its own retries, ~75 s at most) before a
+/// followed snapshot is reported failed: about half an hour of EC2 trouble.
+const FOLLOW_FAILED_CHECKS: u32 = 20;
 /// Root device name of launched images: the conventional HVM root (`/dev/xvda`); Nitro
 /// instances see it as nvme0n1 whatever it is called.
 const ROOT_DEVICE: &str = "/dev/xvda";
@@ -86,6 +89,11 @@ struct Inner {
     /// Snapshots this process follows to completion, by their first id.
     tracked: Mutex<HashMap<String, Tracked>>,
     listing: Mutex<Option<(Instant, Vec<SnapshotInfo>)>>,
+    /// Bumped by every invalidation: a listing fetched across one is not cached.
+    listing_epoch: std::sync::atomic::AtomicU64,
+    /// Retaken snapshots that turned out to hold later data and could not be deleted: they
+    /// never stand for the checkpoint they were taken for (`DATA_DIR/aws/rejected.json`).
+    rejected: Mutex<std::collections::BTreeSet<String>>,
     launch_states: Mutex<HashMap<String, (Instant, String)>>,
     /// Snapshot id → the volume it was taken of and the volume's write generation then: while
     /// that is unchanged, the volume holds the snapshot's content (see `snapshot_digest`).
@@ -102,11 +110,17 @@ struct Tracked {
     generation: u64,
 }
 
-/// What `DATA_DIR/aws/volumes.json` records per disk.
+/// What `DATA_DIR/aws/volumes.json` records per disk. The record is written before
+/// CreateVolume, with the client token only, so that a crash in between finds the volume again
+/// by its token tag; finalize removes it, so that assigning the disk again makes a new volume
+/// under a new token (EC2 would answer a reused token with the deleted volume).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct VolumeRecord {
-    volume_id: String,
+    client_token: String,
+    #[serde(default)]
+    volume_id: Option<String>,
     /// The device the block device was found at (`/dev/nvme1n1`, or a file in tests).
+    #[serde(default)]
     device: PathBuf,
     size_bytes: u64,
 }
@@ -146,6 +160,7 @@ impl AwsBackend {
             source,
         })?;
         let volumes = load_json(&dir.join("volumes.json")).unwrap_or_default();
+        let rejected = load_json(&dir.join("rejected.json")).unwrap_or_default();
         info!(instance = %doc.instance_id, region = %region, zone = %doc.availability_zone,
             account = %doc.account_id, endpoint = settings.endpoint_url.as_deref().unwrap_or("(AWS)"),
             "aws backend ready");
@@ -164,6 +179,8 @@ impl AwsBackend {
                 volumes: Mutex::new(volumes),
                 tracked: Mutex::default(),
                 listing: Mutex::default(),
+                listing_epoch: Default::default(),
+                rejected: Mutex::new(rejected),
                 launch_states: Mutex::default(),
                 sources: Mutex::default(),
                 snapshots_retried: Default::default(),
@@ -196,7 +213,7 @@ impl AwsBackend {
         self.inner
             .volumes()
             .get(disk_id)
-            .map(|r| r.volume_id.clone())
+            .and_then(|r| r.volume_id.clone())
     }
 
     /// Creates (or finds again) the staging volume of `disk_id`, attaches it here, and opens
@@ -205,15 +222,50 @@ impl AwsBackend {
         let inner = &self.inner;
         let cloud = |e| BackendError::cloud(disk_id, e);
         let size_gib = size.div_ceil(GIB).max(1);
-        let token = client_token(inner.instance.as_str(), disk_id);
-        let mut tags = inner.base_tags(disk_id);
-        tags.insert("Name".into(), format!("sync-gateway {disk_id}"));
-        let id = inner
-            .ec2
-            .create_volume(&inner.availability_zone, size_gib, &token, &tags)
-            .await
-            .map_err(cloud)?;
-        let mut vol = inner.ec2.describe_volume(&id).await.map_err(cloud)?;
+        let recorded = inner.volumes().get(disk_id).cloned();
+        let (token, known) = match recorded {
+            Some(r) => (r.client_token, r.volume_id),
+            None => {
+                let token = client_token(inner.instance.as_str(), disk_id, rand::random());
+                inner.set_volume(
+                    disk_id,
+                    Some(VolumeRecord {
+                        client_token: token.clone(),
+                        volume_id: None,
+                        device: PathBuf::new(),
+                        size_bytes: size,
+                    }),
+                )?;
+                (token, None)
+            }
+        };
+        let id = match known {
+            // A volume that held this disk's replicated data: never silently replace it with
+            // an empty one under the disk's durable state.
+            Some(v) => VolumeId(v),
+            None => {
+                let mut tags = inner.base_tags(disk_id);
+                tags.insert("Name".into(), format!("sync-gateway {disk_id}"));
+                inner
+                    .ec2
+                    .create_volume(&inner.availability_zone, size_gib, &token, &tags)
+                    .await
+                    .map_err(cloud)?
+            }
+        };
+        let mut vol = match inner.ec2.describe_volume(&id).await {
+            Ok(v) => v,
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(BackendError::Unsupported {
+                    disk: disk_id.into(),
+                    message: format!(
+                        "staging volume {id}, which holds this disk's replicated data, no longer \
+                         exists ({e}); finalize the disk and assign it again to start over"
+                    ),
+                })
+            }
+            Err(e) => return Err(cloud(e)),
+        };
         if vol.size_gib < size_gib {
             return Err(BackendError::SizeMismatch {
                 disk: disk_id.into(),
@@ -296,7 +348,8 @@ impl AwsBackend {
         inner.set_volume(
             disk_id,
             Some(VolumeRecord {
-                volume_id: id.to_string(),
+                client_token: token,
+                volume_id: Some(id.to_string()),
                 device: path.clone(),
                 size_bytes: size,
             }),
@@ -316,10 +369,10 @@ impl AwsBackend {
         let generation = volume.generation();
         let created_unix_ms = crate::server::disk::unix_ms();
         let tags = inner.snapshot_tags(&req, created_unix_ms, volume.size(), None);
-        let description = format!(
+        let description = description(&format!(
             "sync-gateway {} checkpoint {} (seq {})",
             req.disk_id, req.label, req.checkpoint_seq
-        );
+        ));
         let id = inner
             .ec2
             .create_snapshot(&vol_id, &description, &tags)
@@ -368,7 +421,12 @@ impl AwsBackend {
     pub async fn recover(&self, disk_id: &str) -> Result<Recovered, BackendError> {
         let mut out = Recovered::default();
         for s in self.list_snapshots(Some(disk_id)).await? {
-            if s.state != SnapshotState::Pending || self.inner.tracked().contains_key(&s.id) {
+            let followed = self
+                .inner
+                .tracked()
+                .values()
+                .any(|t| t.handle.info().id == s.id || t.handle.current().id == s.id);
+            if s.state != SnapshotState::Pending || followed {
                 continue;
             }
             let handle = Arc::new(CloudSnapshot::new(s));
@@ -400,16 +458,40 @@ impl AwsBackend {
         let all = match cached {
             Some(v) => v,
             None => {
+                let epoch = inner
+                    .listing_epoch
+                    .load(std::sync::atomic::Ordering::SeqCst);
                 let filter = SnapshotFilter::Tags(inner.base_tags_gateway());
                 let found = inner
                     .ec2
                     .describe_snapshots(&filter)
                     .await
                     .map_err(|e| BackendError::cloud(disk_id.unwrap_or("*"), e))?;
-                let mut v: Vec<SnapshotInfo> = found.iter().filter_map(from_ec2).collect();
+                let rejected = inner
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                let mut v: Vec<SnapshotInfo> = found
+                    .iter()
+                    .filter_map(from_ec2)
+                    .map(|mut s| {
+                        if rejected.contains(&s.id) {
+                            s.replaces = None;
+                            s.state = SnapshotState::Failed;
+                        }
+                        s
+                    })
+                    .collect();
                 v.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
-                *inner.listing.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some((Instant::now(), v.clone()));
+                let mut cache = inner.listing.lock().unwrap_or_else(PoisonError::into_inner);
+                if inner
+                    .listing_epoch
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    == epoch
+                {
+                    *cache = Some((Instant::now(), v.clone()));
+                }
                 v
             }
         };
@@ -442,11 +524,23 @@ impl AwsBackend {
                 snapshot: info.id.clone(),
             });
         }
-        self.inner
+        match self
+            .inner
             .ec2
             .delete_snapshot(&SnapshotId(info.id.clone()))
             .await
-            .map_err(|e| BackendError::cloud(&info.disk_id, e))?;
+        {
+            Ok(()) => {}
+            // An AMI (a launch) is made of it: EC2 keeps it while the image exists.
+            Err(e) if e.code.as_deref() == Some("InvalidSnapshot.InUse") => {
+                return Err(BackendError::SnapshotInUse {
+                    disk: info.disk_id.clone(),
+                    snapshot: info.id.clone(),
+                    by: e.message,
+                })
+            }
+            Err(e) => return Err(BackendError::cloud(&info.disk_id, e)),
+        }
         self.inner.invalidate_listing();
         self.inner
             .sources
@@ -485,17 +579,26 @@ impl AwsBackend {
         let mut tags = inner.base_tags(disk);
         tags.insert(TAG_LAUNCH.into(), kind.into());
         tags.insert("Name".into(), format!("{disk} ({kind} launch)"));
+        if snapshots.len() > 26 {
+            return Err(BackendError::Unsupported {
+                disk: disk.into(),
+                message: format!(
+                    "a launch maps at most 26 disks (/dev/xvda, /dev/sdb../dev/sdz), not {}",
+                    snapshots.len()
+                ),
+            });
+        }
         let extra = snapshots[1..]
             .iter()
             .zip('b'..='z')
             .map(|(s, c)| (format!("/dev/sd{c}"), SnapshotId(s.id.clone())))
             .collect();
         let spec = ImageSpec {
-            name: ami_name(disk, &boot.id),
-            description: Some(format!(
+            name: ami_name(disk, &boot.id, kind),
+            description: Some(description(&format!(
                 "sync-gateway: {disk} at checkpoint {} ({})",
                 boot.label, boot.created
-            )),
+            ))),
             root_snapshot: SnapshotId(boot.id.clone()),
             root_device: ROOT_DEVICE.into(),
             extra_snapshots: extra,
@@ -640,14 +743,18 @@ impl AwsBackend {
     pub async fn release_volume(&self, disk_id: &str) -> Result<(), BackendError> {
         let inner = &self.inner;
         let cloud = |e| BackendError::cloud(disk_id, e);
-        let recorded = inner.volumes().get(disk_id).map(|r| r.volume_id.clone());
+        let recorded = inner.volumes().get(disk_id).cloned();
         let id = match recorded {
-            Some(v) => Some(VolumeId(v)),
-            None => inner
+            Some(VolumeRecord {
+                volume_id: Some(v), ..
+            }) => Some(VolumeId(v)),
+            // Recorded before CreateVolume answered: the token tag finds what it made.
+            Some(r) => inner
                 .ec2
-                .volume_by_client_token(&client_token(inner.instance.as_str(), disk_id))
+                .volume_by_client_token(&r.client_token)
                 .await
                 .map_err(cloud)?,
+            None => None,
         };
         if let Some(id) = id {
             inner.ec2.detach_volume(&id).await.map_err(cloud)?;
@@ -666,20 +773,24 @@ impl AwsBackend {
         inner.set_volume(disk_id, None)
     }
 
+    pub fn digest_available(&self, snap: &SnapshotInfo) -> bool {
+        self.inner.readable_source(&snap.id).is_some()
+    }
+
+    pub fn shutdown(&self) {
+        for t in self.inner.tracked().values() {
+            if !t.handle.is_done() {
+                t.handle
+                    .fail("the gateway stopped before EC2 completed the snapshot".into());
+            }
+        }
+    }
+
     /// SHA-256 of a snapshot's content. EBS snapshot content is not readable here, but while
     /// the volume has not been written since the snapshot was taken it holds that content,
     /// which is the case for a checkpoint being acknowledged.
     pub async fn snapshot_digest(&self, snap: &SnapshotInfo) -> Result<[u8; 32], BackendError> {
-        let source = self
-            .inner
-            .sources
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&snap.id)
-            .cloned();
-        let volume = source.and_then(|(volume, generation)| {
-            volume.upgrade().filter(|v| v.generation() == generation)
-        });
+        let volume = self.inner.readable_source(&snap.id);
         let Some(volume) = volume else {
             return Err(BackendError::Unsupported {
                 disk: snap.disk_id.clone(),
@@ -723,6 +834,30 @@ impl Inner {
         self.tracked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records durably that snapshot `id` never stands for a checkpoint.
+    fn reject(&self, id: &SnapshotId) {
+        let mut g = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+        g.insert(id.to_string());
+        let path = self.dir.join("rejected.json");
+        let json = serde_json::to_vec_pretty(&*g).unwrap_or_default();
+        if let Err(e) = durable::atomic_write(&path, &json, 0o600) {
+            warn!(path = %path.display(), error = %e, "cannot record a rejected snapshot");
+        }
+    }
+
+    /// The volume snapshot `id` was taken of, while it still holds the snapshot's content.
+    fn readable_source(&self, id: &str) -> Option<Arc<Volume>> {
+        let source = self
+            .sources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        source.and_then(|(volume, generation)| {
+            volume.upgrade().filter(|v| v.generation() == generation)
+        })
+    }
+
     fn remember_source(&self, snapshot: String, volume: &Arc<Volume>, generation: u64) {
         let mut g = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
         // Entries of volumes that are gone or written since can never serve a digest again.
@@ -731,7 +866,10 @@ impl Inner {
     }
 
     fn invalidate_listing(&self) {
-        *self.listing.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut cache = self.listing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.listing_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *cache = None;
     }
 
     /// Records (or forgets) the volume of `disk_id` durably.
@@ -753,13 +891,10 @@ impl Inner {
 
     /// The staging volume of `disk_id`.
     async fn volume_of(&self, disk_id: &str) -> Result<VolumeId, BackendError> {
-        if let Some(r) = self.volumes().get(disk_id) {
-            return Ok(VolumeId(r.volume_id.clone()));
-        }
-        self.ec2
-            .volume_by_client_token(&client_token(self.instance.as_str(), disk_id))
-            .await
-            .map_err(|e| BackendError::cloud(disk_id, e))?
+        self.volumes()
+            .get(disk_id)
+            .and_then(|r| r.volume_id.clone())
+            .map(VolumeId)
             .ok_or_else(|| BackendError::Unsupported {
                 disk: disk_id.into(),
                 message: "no staging volume".into(),
@@ -808,6 +943,7 @@ impl Inner {
         let first = t.handle.info().clone();
         let mut retries = 0;
         let mut round = 0u32;
+        let mut failed_checks = 0u32;
         loop {
             let current = t.handle.current();
             let delay = Duration::from_secs(1 << round.min(5)).min(Duration::from_secs(30));
@@ -824,11 +960,22 @@ impl Inner {
                     t.handle.fail(format!("EBS snapshot {id} disappeared: {e}"));
                     return;
                 }
+                // Each check already retried the transient errors; a permission or request
+                // error will not heal by itself, and a long outage must surface too. The
+                // snapshot may still complete in EC2: it is then listed as completed.
+                Err(e) if !e.kind.is_retryable() || failed_checks >= FOLLOW_FAILED_CHECKS => {
+                    t.handle.fail(format!(
+                        "cannot follow EBS snapshot {id} to completion: {e}"
+                    ));
+                    return;
+                }
                 Err(e) => {
+                    failed_checks += 1;
                     warn!(snapshot = %id, error = %e, "cannot check snapshot progress; will retry");
                     continue;
                 }
             };
+            failed_checks = 0;
             let Some(s) = found.into_iter().next() else {
                 continue;
             };
@@ -859,6 +1006,7 @@ impl Inner {
                                     if let Err(e) = self.ec2.delete_snapshot(&id).await {
                                         warn!(snapshot = %id, error = %e, "cannot delete the failed snapshot");
                                     }
+                                    self.invalidate_listing();
                                 }
                                 Err(e) => {
                                     t.handle.fail(format!(
@@ -903,18 +1051,24 @@ impl Inner {
             first.size_bytes,
             Some(&first.id),
         );
-        let description = format!(
+        let description = description(&format!(
             "sync-gateway {} checkpoint {} (seq {}), retaken",
             req.disk_id, req.label, req.checkpoint_seq
-        );
+        ));
         let id = self
             .ec2
             .create_snapshot(&vol_id, &description, &tags)
             .await
             .map_err(|e| e.to_string())?;
         if volume.generation() != generation {
-            // A write raced the call: the new snapshot may hold later data.
-            let _ = self.ec2.delete_snapshot(&id).await;
+            // A write raced the call: the new snapshot may hold later data. It carries the
+            // `replaces` tag already, so it must go, or at least never be taken for the
+            // checkpoint's content.
+            self.reject(&id);
+            if let Err(e) = self.ec2.delete_snapshot(&id).await {
+                warn!(snapshot = %id, error = %e, "cannot delete a retaken snapshot that holds later data; it is recorded as rejected");
+            }
+            self.invalidate_listing();
             return Err("the volume was written while the snapshot was retaken".into());
         }
         Ok(SnapshotInfo {
@@ -958,16 +1112,16 @@ fn from_ec2(s: &sync_aws::SnapshotInfo) -> Option<SnapshotInfo> {
     })
 }
 
-/// ClientToken of a disk's staging volume: stable per (gateway instance, disk), ≤ 64 ASCII.
-fn client_token(instance: &str, disk_id: &str) -> String {
-    let h = Sha256::digest(format!("{instance}\n{disk_id}").as_bytes());
+/// ClientToken of one assignment's staging volume (≤ 64 ASCII characters).
+fn client_token(instance: &str, disk_id: &str, nonce: u64) -> String {
+    let h = Sha256::digest(format!("{instance}\n{disk_id}\n{nonce:016x}").as_bytes());
     format!("sgw-vol-{}", &hex::encode(h)[..40])
 }
 
-/// AMI name for a launch from `snapshot`: unique per snapshot, so a retried RegisterImage
-/// finds the image the first attempt made. AMI names allow letters, digits and `()[] ./-'@_`.
-fn ami_name(disk_id: &str, snapshot: &str) -> String {
-    let clean: String = format!("sync-gateway {disk_id} {snapshot}")
+/// AMI name for a launch of `kind` from `snapshot`: unique per snapshot and kind, so a retried
+/// RegisterImage finds the image the first attempt made. AMI names allow letters, digits and `()[] ./-'@_`.
+fn ami_name(disk_id: &str, snapshot: &str, kind: &str) -> String {
+    let clean: String = format!("sync-gateway {disk_id} {snapshot} {kind}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c) {
@@ -978,6 +1132,11 @@ fn ami_name(disk_id: &str, snapshot: &str) -> String {
         })
         .collect();
     clean.chars().take(128).collect()
+}
+
+/// EC2 descriptions (snapshots, images) hold at most 255 characters.
+fn description(s: &str) -> String {
+    s.chars().take(255).collect()
 }
 
 /// EC2 tag values allow letters, digits, spaces and `+-=._:/@`, up to 256 characters.
@@ -1016,5 +1175,64 @@ fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
             warn!(path = %path.display(), error = %e, "unreadable record skipped");
             None
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_what_ec2_accepts() {
+        let t = client_token("i-0123456789abcdef0", "web-01", 7);
+        assert!(t.len() <= 64 && t.is_ascii(), "{t}");
+        assert_eq!(t, client_token("i-0123456789abcdef0", "web-01", 7));
+        assert_ne!(t, client_token("i-0123456789abcdef0", "web-02", 7));
+        assert_ne!(t, client_token("i-0123456789abcdef0", "web-01", 8));
+        assert_eq!(
+            ami_name("web#1", "snap-0abc", "test"),
+            "sync-gateway web_1 snap-0abc test"
+        );
+        assert_eq!(description(&"é".repeat(300)).chars().count(), 255);
+        assert_eq!(tag_value("pass 3 {final}"), "pass 3 _final_");
+        assert_eq!(tag_value(&"x".repeat(300)).len(), 256);
+    }
+
+    #[test]
+    fn snapshots_are_read_back_from_their_tags() {
+        let tags: BTreeMap<String, String> = [
+            (TAG_DISK, "web-01"),
+            (TAG_LABEL, "pass-2"),
+            (TAG_SEQ, "42"),
+            (TAG_CREATED_MS, "1700000000000"),
+            (TAG_SIZE, "1048576"),
+            (TAG_REPLACES, "snap-0old"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = sync_aws::SnapshotInfo {
+            id: SnapshotId("snap-0new".into()),
+            volume_id: None,
+            state: sync_aws::SnapshotState::Error,
+            progress: None,
+            start_time: None,
+            state_message: Some("internal".into()),
+            volume_size_gib: Some(1),
+            tags,
+        };
+        let info = from_ec2(&s).unwrap();
+        assert_eq!(info.disk_id, "web-01");
+        assert_eq!(info.checkpoint_seq, 42);
+        assert_eq!(info.size_bytes, 1_048_576);
+        assert_eq!(info.state, SnapshotState::Failed);
+        assert!(info.stands_for("snap-0old") && info.stands_for("snap-0new"));
+        assert_eq!(info.created, "2023-11-14T22:13:20Z");
+        let untagged = sync_aws::SnapshotInfo {
+            tags: BTreeMap::new(),
+            ..s
+        };
+        assert!(from_ec2(&untagged).is_none());
     }
 }

@@ -218,6 +218,13 @@ pub enum BackendError {
         disk: String,
         error: device::DeviceError,
     },
+    /// The cloud keeps the snapshot because something is made of it (an image of a launch).
+    #[error("disk {disk}: snapshot {snapshot} is in use ({by}); it stays while that exists")]
+    SnapshotInUse {
+        disk: String,
+        snapshot: String,
+        by: String,
+    },
     /// The backend cannot do this (e.g. read a cloud snapshot's content).
     #[error("disk {disk}: {message}")]
     Unsupported { disk: String, message: String },
@@ -385,6 +392,24 @@ impl Backend {
                 blocking(move || b.release_volume(&id)).await
             }
             Backend::Aws(b) => b.release_volume(disk_id).await,
+        }
+    }
+
+    /// Whether [`Backend::snapshot_digest`] can read `snap`'s content now (a cloud snapshot's
+    /// content is only readable from its volume while that is unchanged).
+    pub fn digest_available(&self, snap: &SnapshotInfo) -> bool {
+        match self {
+            Backend::Local(_) => true,
+            Backend::Aws(b) => b.digest_available(snap),
+        }
+    }
+
+    /// Settles what still waits on the cloud (snapshots being followed) as failed, so that no
+    /// waiter outlives the process's runtime. Called once at shutdown.
+    pub fn shutdown(&self) {
+        match self {
+            Backend::Local(_) => {}
+            Backend::Aws(b) => b.shutdown(),
         }
     }
 

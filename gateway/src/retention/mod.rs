@@ -226,8 +226,9 @@ pub fn plan(
 /// deletes the `delete` set oldest first, logging each. Snapshots named in `protected` are
 /// kept whatever the plan says: the disk's current checkpoint snapshot is the consistent point a
 /// launch uses by default, and a newer snapshot taken on command in the same bucket must not
-/// push it out. Stops at the first failed deletion (the next run plans again from what is
-/// left). Returns the plan as carried out.
+/// push it out. A snapshot the cloud refuses to delete because an image is made of it (a
+/// launch) is kept and the plan goes on; any other failed deletion stops it (the next run plans
+/// again from what is left). Returns the plan as carried out.
 pub async fn prune(
     backend: &Backend,
     disk_id: &str,
@@ -246,14 +247,28 @@ pub async fn prune(
     });
     decided.delete = delete;
     decided.keep.extend(spared.into_iter().map(|(id, _)| id));
+    let mut in_use = Vec::new();
     for (id, reason) in &decided.delete {
         let Some(info) = snapshots.iter().find(|s| &s.id == id) else {
             continue;
         };
-        backend.delete_snapshot(info).await?;
+        match backend.delete_snapshot(info).await {
+            Ok(()) => {}
+            // Kept by the cloud while an image of a launch is made of it: not a failure, and
+            // the rest of the plan goes on.
+            Err(e @ BackendError::SnapshotInUse { .. }) => {
+                tracing::info!(disk = disk_id, snapshot = %id, reason = %e,
+                    "retention keeps a snapshot the cloud holds for an image");
+                in_use.push(id.clone());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         tracing::info!(disk = disk_id, snapshot = %id, reason = *reason,
             created_unix_ms = info.created_unix_ms, "retention deleted snapshot");
     }
+    decided.delete.retain(|(id, _)| !in_use.contains(id));
+    decided.keep.extend(in_use);
     Ok(decided)
 }
 

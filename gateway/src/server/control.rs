@@ -646,8 +646,13 @@ impl Control {
                 "disk {id}: a session still holds the disk"
             )));
         };
-        // Snapshot copies read from the volume: let them finish first.
-        for s in disk.snapshots_in_flight() {
+        // Snapshot copies read from the volume: let them finish first. (A cloud snapshot's
+        // point in time is already fixed and needs the volume no more.)
+        for s in disk
+            .snapshots_in_flight()
+            .into_iter()
+            .filter(|s| s.is_local_work())
+        {
             let _ = self.completed(s).await;
         }
         // Volume and state go first; only then is the disk recorded as finalized, so a failure

@@ -234,6 +234,9 @@ pub struct Disk {
     phase: Mutex<DiskPhase>,
     /// The newest session error: when (ms since the epoch), its code and message.
     last_error: Mutex<Option<(u64, ErrorCode, String)>>,
+    /// The newest snapshot that failed after it was initiated (a local copy cut short, a cloud
+    /// snapshot the cloud failed): when, and why.
+    snapshot_error: Mutex<Option<(u64, String)>>,
     /// The command queue of the active session's writer, for snapshots taken on command
     /// between two writes. Weak, so the session's end still closes the channel.
     writer: Mutex<Option<(u64, tokio::sync::mpsc::WeakSender<super::writer::WriterCmd>)>>,
@@ -283,6 +286,7 @@ impl Disk {
             stats: Arc::new(stats),
             phase: Mutex::new(DiskPhase::Replicating),
             last_error: Mutex::new(None),
+            snapshot_error: Mutex::new(None),
             writer: Mutex::new(None),
         }
     }
@@ -335,7 +339,13 @@ impl Disk {
             S::Stalled
         } else if connected && stats.rescanning.load(Ordering::Relaxed) {
             S::Rescan
-        } else if !self.snapshots_in_flight().is_empty() {
+        } else if self
+            .snapshots_in_flight()
+            .iter()
+            .any(Snapshot::is_local_work)
+        {
+            // A cloud snapshot completes in the cloud for minutes while replication goes on;
+            // its state is in the snapshot list, not here.
             S::CreatingSnapshot
         } else if connected && !has_ckpt {
             S::InitialSync
@@ -427,8 +437,31 @@ impl Disk {
     /// that still lacks a part is right for all of them.
     pub fn snapshots_in_flight(&self) -> Vec<Snapshot> {
         let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|s| !s.is_done());
+        g.retain(|s| {
+            if !s.is_done() {
+                return true;
+            }
+            // Settled: a failure is the operator's to see (done, so wait() returns at once).
+            if let Err(why) = s.wait() {
+                tracing::warn!(disk = %self.id, snapshot = %s.info().id, error = %why,
+                    "snapshot failed after it was initiated");
+                *self
+                    .snapshot_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    Some((unix_ms(), format!("snapshot {} failed: {why}", s.info().id)));
+            }
+            false
+        });
         g.clone()
+    }
+
+    /// The newest snapshot failure: when (ms since the epoch) and what.
+    pub fn snapshot_error(&self) -> Option<(u64, String)> {
+        self.snapshot_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records a newly initiated (or resumed) snapshot.

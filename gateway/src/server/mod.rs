@@ -380,6 +380,8 @@ pub async fn run_with_control(
             }
         }
     }
+    // Cloud snapshots go on in the cloud; whoever still waits on one here is told we stop.
+    shared.backend.shutdown();
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -414,22 +414,26 @@ impl Writer {
             .checkpoint()
             .filter(|r| r.seq == c.seq)
             .cloned();
-        // ...unless its copy was cut short by that crash: then the volume still holds the
-        // checkpoint's content (nothing after it is durable) and a new snapshot is taken.
+        // ...unless nothing usable stands for it any more (its copy was cut short by that
+        // crash, or the cloud failed it): then the volume still holds the checkpoint's content
+        // (nothing after it is durable) and a new snapshot is taken. Likewise when the agent
+        // asks for a digest that the old snapshot's content can no longer give here.
         let existing = match existing {
             Some(r) => {
                 // When the listing itself fails, take a new snapshot rather than trust one
                 // whose state is unknown.
-                let failed = match self
+                let usable = match self
                     .rt
                     .block_on(self.backend.list_snapshots(Some(&self.disk.id)))
                 {
                     Ok(listed) => listed
                         .iter()
-                        .any(|s| s.id == r.snapshot.id && s.state == SnapshotState::Failed),
-                    Err(_) => true,
+                        .any(|s| s.stands_for(&r.snapshot.id) && s.state != SnapshotState::Failed),
+                    Err(_) => false,
                 };
-                (!failed).then_some(r)
+                let digestible =
+                    c.flags & CHECKPOINT_VERIFY == 0 || self.backend.digest_available(&r.snapshot);
+                (usable && digestible).then_some(r)
             }
             None => None,
         };

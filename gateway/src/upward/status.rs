@@ -209,7 +209,15 @@ impl StatusSource {
             }),
             last_snapshot: snaps.last().map(SnapshotSummary::from),
             snapshots: recent(snaps),
-            last_error: last_error.map(|(_, code, msg)| format!("{code}: {msg}")),
+            // The newer of the last session error and the last snapshot failure.
+            last_error: match (last_error, disk.snapshot_error()) {
+                (Some((at, code, msg)), Some((sat, _))) if at >= sat => {
+                    Some(format!("{code}: {msg}"))
+                }
+                (_, Some((_, snap))) => Some(snap),
+                (Some((_, code, msg)), None) => Some(format!("{code}: {msg}")),
+                (None, None) => None,
+            },
             errors,
             volume_id: self.control.shared().backend.volume_id(&disk.id),
         }
