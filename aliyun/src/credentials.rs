@@ -77,10 +77,16 @@ pub type CredentialsFuture<'a> =
 /// A source of credentials, asked before every signed request. Implementations cache and
 /// refresh on their own (the metadata provider refreshes before the STS `Expiration`).
 ///
-/// ```ignore
-/// impl CredentialsProvider for MyProvider {
+/// ```
+/// use sync_aliyun::credentials::{Credentials, CredentialsFuture, CredentialsProvider};
+///
+/// #[derive(Debug)]
+/// struct Fixed(Credentials);
+///
+/// impl CredentialsProvider for Fixed {
 ///     fn credentials(&self) -> CredentialsFuture<'_> {
-///         Box::pin(async move { self.fetch().await })
+///         let c = self.0.clone();
+///         Box::pin(async move { Ok(c) })
 ///     }
 /// }
 /// ```
