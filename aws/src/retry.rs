@@ -8,8 +8,6 @@
 //! gateway hit the same per-account EC2 token bucket at once.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
@@ -57,64 +55,18 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// Backoff ceiling before retry number `retry` (0 = first retry): `min(cap, base·2^retry)`.
     pub fn ceiling(&self, retry: u32) -> Duration {
-        // 2^20 · base is beyond any sane cap already; the clamp keeps the shift in range.
-        let factor = 1u32 << retry.min(20);
-        self.base.saturating_mul(factor).min(self.cap)
+        sync_common::retry::ceiling(self.base, self.cap, retry)
     }
 
     /// A full-jitter backoff: uniform in `[0, ceiling(retry)]`.
     pub fn backoff(&self, retry: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling(retry);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.gen_range(0..=nanos))
+        sync_common::retry::full_jitter(self.base, self.cap, retry, rng)
     }
 }
 
-/// Retries made so far, shared by every EC2 call of one client; the gateway shows it in
+/// Retries made so far, shared by every EC2 call of one client; the gateway shows them in
 /// status.
-#[derive(Debug, Default)]
-pub struct RetryStats {
-    retries: AtomicU64,
-    throttled: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-/// A copy of [`RetryStats`] at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
-pub struct RetryStatsSnapshot {
-    /// Every retry, of any cause.
-    pub retries: u64,
-    /// The retries caused by throttling.
-    pub throttled: u64,
-    /// The error that caused the latest retry.
-    pub last_error: Option<String>,
-}
-
-impl RetryStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> RetryStatsSnapshot {
-        RetryStatsSnapshot {
-            retries: self.retries.load(Ordering::Relaxed),
-            throttled: self.throttled.load(Ordering::Relaxed),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
-    }
-
-    fn record(&self, err: &AwsError) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-        if err.kind == ErrorKind::Throttled {
-            self.throttled.fetch_add(1, Ordering::Relaxed);
-        }
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
-    }
-}
+pub use sync_common::retry::{RetryStats, RetryStatsSnapshot};
 
 /// Runs one EC2 call with retries.
 #[derive(Debug)]
@@ -148,7 +100,7 @@ impl Retrier {
                 Some(delay) => {
                     tracing::warn!(op, code = ?err.code, request_id = ?err.request_id, retry = retry + 1,
                         delay_ms = delay.as_millis() as u64, "EC2 call failed, retrying: {err}");
-                    self.stats.record(&err);
+                    self.stats.record(err.kind == ErrorKind::Throttled, &err);
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }

@@ -7,15 +7,11 @@
 //! and message.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::api::ErrorBody;
@@ -105,7 +101,7 @@ impl HttpError {
 #[derive(Clone)]
 pub struct JsonClient {
     base: String,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: sync_common::https::HttpsClient<Full<Bytes>>,
 }
 
 impl std::fmt::Debug for JsonClient {
@@ -153,24 +149,8 @@ impl JsonClient {
                 return Err(ca_err("no PEM certificate in it".into()));
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(&format!("TLS setup: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        http.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let client =
+            sync_common::https::client(roots).map_err(|e| invalid(&format!("TLS setup: {e}")))?;
         Ok(JsonClient {
             base: base_url.trim_end_matches('/').to_string(),
             client,

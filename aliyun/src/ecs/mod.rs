@@ -27,9 +27,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 
 use crate::acs3;
 use crate::credentials::CredentialsProvider;
@@ -102,7 +99,7 @@ struct Inner {
     policy: RetryPolicy,
     stats: Arc<RetryStats>,
     credentials: Arc<dyn CredentialsProvider>,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: sync_common::https::HttpsClient<Full<Bytes>>,
 }
 
 impl std::fmt::Debug for EcsClient {
@@ -126,26 +123,8 @@ impl EcsClient {
             .clone()
             .unwrap_or_else(|| default_endpoint(&config.region));
         let (base, host) = parse_endpoint(&endpoint)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| EcsError::Config(format!("TLS setup: {e}")))?
-            .with_root_certificates(rustls::RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            })
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        http.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let http = sync_common::https::client(sync_common::https::web_roots())
+            .map_err(|e| EcsError::Config(format!("TLS setup: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 region: config.region,
@@ -191,7 +170,9 @@ impl EcsClient {
             tracing::warn!(action, code = ?err.code(), request_id = ?err.request_id(),
                 retry = retry + 1, delay_ms = delay.as_millis() as u64,
                 "ECS call failed, retrying: {err}");
-            self.inner.stats.record(&err);
+            self.inner
+                .stats
+                .record(err.kind() == ErrorKind::Throttled, &err);
             tokio::time::sleep(delay).await;
             retry += 1;
         }

@@ -5,13 +5,9 @@
 //! gateway share the same per-account ECS API quota (Alibaba throttles per account, per API,
 //! per second: `Throttling.User`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rand::Rng;
-
-use super::error::{EcsError, ErrorKind};
 
 /// How hard to retry one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,64 +37,21 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Backoff ceiling before retry number `retry` (0 = first retry): `min(cap, base·2^retry)`.
+    /// Backoff ceiling before retry number `retry` (0 = the first retry):
+    /// `min(cap, base·2^retry)`.
     pub fn ceiling(&self, retry: u32) -> Duration {
-        // 2^20 · base is beyond any sane cap; the clamp keeps the shift in range.
-        let factor = 1u32 << retry.min(20);
-        self.base.saturating_mul(factor).min(self.cap)
+        sync_common::retry::ceiling(self.base, self.cap, retry)
     }
 
     /// A full-jitter backoff: uniform in `[0, ceiling(retry)]`.
     pub fn backoff(&self, retry: u32, rng: &mut impl Rng) -> Duration {
-        let nanos = u64::try_from(self.ceiling(retry).as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.gen_range(0..=nanos))
+        sync_common::retry::full_jitter(self.base, self.cap, retry, rng)
     }
 }
 
-/// Retries made so far, shared by every call of one client (and its clones).
-#[derive(Debug, Default)]
-pub struct RetryStats {
-    retries: AtomicU64,
-    throttled: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-/// A copy of [`RetryStats`] at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
-pub struct RetryStatsSnapshot {
-    /// Every retry, of any cause.
-    pub retries: u64,
-    /// The retries caused by throttling.
-    pub throttled: u64,
-    /// The error that caused the latest retry.
-    pub last_error: Option<String>,
-}
-
-impl RetryStats {
-    /// The counters now.
-    pub fn snapshot(&self) -> RetryStatsSnapshot {
-        RetryStatsSnapshot {
-            retries: self.retries.load(Ordering::Relaxed),
-            throttled: self.throttled.load(Ordering::Relaxed),
-            last_error: self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
-    }
-
-    pub(crate) fn record(&self, err: &EcsError) {
-        self.retries.fetch_add(1, Ordering::Relaxed);
-        if err.kind() == ErrorKind::Throttled {
-            self.throttled.fetch_add(1, Ordering::Relaxed);
-        }
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(err.to_string());
-    }
-}
+/// Retries made so far, shared by every call of one client (and its clones); the gateway shows
+/// them in status.
+pub use sync_common::retry::{RetryStats, RetryStatsSnapshot};
 
 #[cfg(test)]
 mod tests {

@@ -7,10 +7,6 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
@@ -112,31 +108,12 @@ impl std::fmt::Debug for PutOptions {
     }
 }
 
-pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, OssBody>;
+pub(crate) type HttpClient = sync_common::https::HttpsClient<OssBody>;
 
 /// Builds the hyper client: rustls (ring, webpki roots) for https, plain http for tests.
 pub(crate) fn http_client() -> Result<HttpClient, OssError> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| OssError::Invalid(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector))
+    sync_common::https::client(sync_common::https::web_roots())
+        .map_err(|e| OssError::Invalid(format!("TLS setup: {e}")))
 }
 
 pub(crate) fn transport(
