@@ -19,6 +19,8 @@ mod control;
 mod ec2_proxy;
 #[path = "common/moto.rs"]
 mod moto;
+#[path = "common/proc_net.rs"]
+mod proc_net;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,7 @@ use std::time::Duration;
 use common::*;
 use control::{control_plane_toml, ControlPlane};
 use ec2_proxy::{Fault, FaultProxy};
+use proc_net::connected_peers;
 use sync_aws::testing::{FakeImds, FakeImdsConfig};
 use sync_aws::{AwsSettings, Ec2, Imds, InstanceId, LaunchSpec};
 use sync_gateway::api::{CommandState, DiskPhase, DiskState, DiskStatus};
@@ -250,32 +253,10 @@ fn step(what: &str) {
     eprintln!("==> {what}");
 }
 
-fn gateway_id(cp: &ControlPlane) -> String {
-    wait_for(Duration::from_secs(60), "the gateway to register", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find(|g| g.online)
-            .map(|g| g.gateway_id)
-    })
-}
-
 fn command_ok(cp: &ControlPlane, args: &[&str]) -> serde_json::Value {
     let v = cp.cli_json(args);
     assert_eq!(v["state"], "succeeded", "{args:?}: {v}");
     v
-}
-
-fn wait_command(cp: &ControlPlane, id: &str) -> sync_gateway::api::CommandView {
-    wait_for(
-        Duration::from_secs(180),
-        &format!("command {id} to finish"),
-        || {
-            let v = cp.cli_json(&["command", "show", id]);
-            let view: sync_gateway::api::CommandView = serde_json::from_value(v).unwrap();
-            matches!(view.state, CommandState::Succeeded | CommandState::Failed).then_some(view)
-        },
-    )
 }
 
 fn wait_disk(
@@ -287,21 +268,6 @@ fn wait_disk(
     wait_for(Duration::from_secs(120), what, || {
         cp.disk(disk).filter(|d| ok(d))
     })
-}
-
-fn assign(cp: &ControlPlane, gw: &str, disk: &str, size: u64, key_file: &Path) -> String {
-    let v = cp.cli_json(&[
-        "disk",
-        "assign",
-        "--gateway",
-        gw,
-        "--disk-id",
-        disk,
-        "--size",
-        &size.to_string(),
-    ]);
-    std::fs::write(key_file, format!("{}\n", v["agent_key"].as_str().unwrap())).unwrap();
-    v["command_id"].as_str().unwrap().to_string()
 }
 
 fn tag<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
@@ -330,7 +296,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     let cp = ControlPlane::start_in(&t.path("control"), &[]);
     let config = cloud.gateway_config(&t, &cp);
     let mut gw = Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway.log"));
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(60));
     step(&format!(
         "gateway {gw_id} (instance {}) registered through {}",
         cloud.instance,
@@ -369,8 +335,8 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     let src = t.source_path("web-01");
     make_uefi_image(&src, size, 401);
     let key = t.key_path("web-01");
-    let cmd = assign(&cp, &gw_id, "web-01", size, &key);
-    let done = wait_command(&cp, &cmd);
+    let cmd = cp.assign(&gw_id, "web-01", size, &key);
+    let done = cp.wait_command(&cmd, Duration::from_secs(180));
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
     let disk = wait_disk(&cp, "web-01", "the volume id in the status", |d| {
         d.volume_id.is_some()
@@ -546,13 +512,12 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     // answers it). Retention keeps that one and still prunes the others.
     let mut passes = Vec::new();
     for seed in [403, 404] {
-        cloud.proxy.add_fault(Fault {
-            action: Some("DeleteSnapshot".into()),
-            times: 1,
-            status: 400,
-            code: "InvalidSnapshot.InUse".into(),
-            forward_first: false,
-        });
+        cloud.proxy.add_fault(Fault::error(
+            "DeleteSnapshot",
+            1,
+            400,
+            "InvalidSnapshot.InUse",
+        ));
         apply_scattered_changes(&src, 2, seed);
         let run = agent.run(Duration::from_secs(300));
         run.expect_ok();
@@ -711,9 +676,22 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         missing.is_empty(),
         "not in aws/iam-policy.json: {missing:?}"
     );
+    // Every connection the gateway holds (to the EC2 proxy, the fake IMDS, the control plane,
+    // agents) is on loopback; its metadata calls went to the fake.
+    let peers = connected_peers(gw.pid());
+    assert!(!peers.is_empty(), "the gateway holds pooled connections");
     assert!(
-        !gw.log_text().contains("169.254.169.254"),
-        "no metadata address is contacted"
+        peers.iter().all(|p| p.ip().is_loopback()),
+        "non-loopback peers: {peers:?}"
+    );
+    assert!(
+        cloud
+            .imds
+            .stats()
+            .gets_served
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3,
+        "identity came from the fake IMDS"
     );
     assert_eq!(gw.terminate(Duration::from_secs(30)).code(), Some(0));
     drop(cloud.rt);
@@ -725,21 +703,15 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
 fn access_denied_names_the_missing_action() {
     let _serial = serial();
     let t = TestDir::new("aws-denied");
-    let denied = Fault {
-        action: Some("CreateVolume".into()),
-        times: 1,
-        status: 403,
-        code: "UnauthorizedOperation".into(),
-        forward_first: false,
-    };
+    let denied = Fault::error("CreateVolume", 1, 403, "UnauthorizedOperation");
     let cloud = Cloud::start(&t, 0.0, vec![denied]);
     let cp = ControlPlane::start_in(&t.path("control"), &[]);
     let config = cloud.gateway_config(&t, &cp);
     let mut gw = Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway.log"));
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(60));
     let key = t.key_path("db-01");
-    let cmd = assign(&cp, &gw_id, "db-01", 8 * MIB, &key);
-    let done = wait_command(&cp, &cmd);
+    let cmd = cp.assign(&gw_id, "db-01", 8 * MIB, &key);
+    let done = cp.wait_command(&cmd, Duration::from_secs(180));
     assert_eq!(done.state, CommandState::Failed, "{done:?}");
     let message = done.result.map(|r| r.message).unwrap_or_default();
     assert!(
@@ -749,8 +721,11 @@ fn access_denied_names_the_missing_action() {
     assert!(message.contains("request id"), "{message}");
     assert!(gw.is_alive());
     // Once the permission is there, assigning again works.
-    let cmd = assign(&cp, &gw_id, "db-01", 8 * MIB, &key);
-    assert_eq!(wait_command(&cp, &cmd).state, CommandState::Succeeded);
+    let cmd = cp.assign(&gw_id, "db-01", 8 * MIB, &key);
+    assert_eq!(
+        cp.wait_command(&cmd, Duration::from_secs(180)).state,
+        CommandState::Succeeded
+    );
     assert_eq!(gw.terminate(Duration::from_secs(30)).code(), Some(0));
     drop(cloud.rt);
 }

@@ -37,43 +37,6 @@ fn start_gateway(t: &TestDir, url: &str, token: &str, metrics: bool) -> Gateway 
     Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway.log"))
 }
 
-fn gateway_id(cp: &ControlPlane) -> String {
-    wait_for(Duration::from_secs(30), "the gateway to register", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find(|g| g.online)
-            .map(|g| g.gateway_id)
-    })
-}
-
-/// `disk assign` through the CLI; writes the agent key file; returns the command id.
-fn assign(cp: &ControlPlane, gw: &str, disk: &str, size: u64, key_file: &Path) -> String {
-    let v = cp.cli_json(&[
-        "disk",
-        "assign",
-        "--gateway",
-        gw,
-        "--disk-id",
-        disk,
-        "--size",
-        &size.to_string(),
-    ]);
-    let key = v["agent_key"].as_str().unwrap().to_string();
-    assert_eq!(key.len(), 64, "agent_key: {v}");
-    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{v}");
-    std::fs::write(key_file, format!("{key}\n")).unwrap();
-    v["command_id"].as_str().unwrap().to_string()
-}
-
-fn wait_command(cp: &ControlPlane, id: &str, within: Duration) -> sync_gateway::api::CommandView {
-    wait_for(within, &format!("command {id} to finish"), || {
-        let v = cp.cli_json(&["command", "show", id]);
-        let view: sync_gateway::api::CommandView = serde_json::from_value(v).unwrap();
-        matches!(view.state, CommandState::Succeeded | CommandState::Failed).then_some(view)
-    })
-}
-
 fn wait_disk_state(
     cp: &ControlPlane,
     disk: &str,
@@ -94,7 +57,7 @@ fn register_assign_replicate_cutover_through_the_control_plane() {
     let t = TestDir::new("upward-must-show");
     let cp = ControlPlane::start_in(&t.path("control"), &[]);
     let mut gw = start_gateway(&t, &cp.url, &cp.bootstrap_token(), true);
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(30));
     assert!(
         !gw.log_text().contains(&cp.bootstrap_token()[..8]),
         "tokens must not be logged"
@@ -131,9 +94,9 @@ fn register_assign_replicate_cutover_through_the_control_plane() {
     let src = t.source_path("disk-1");
     make_image(&src, size, 81);
     let key = t.key_path("disk-1");
-    let cmd = assign(&cp, &gw_id, "disk-1", size, &key);
+    let cmd = cp.assign(&gw_id, "disk-1", size, &key);
     assert_eq!(
-        wait_command(&cp, &cmd, Duration::from_secs(60)).state,
+        cp.wait_command(&cmd, Duration::from_secs(60)).state,
         CommandState::Succeeded
     );
     let agent = AgentCmd::new(gw.addr, "disk-1", &key, &t.state_dir("disk-1"), &src);
@@ -191,13 +154,13 @@ fn test_launch_snapshot_now_policy_and_revoke() {
     let t = TestDir::new("upward-commands");
     let cp = ControlPlane::start_in(&t.path("control"), &[]);
     let gw = start_gateway(&t, &cp.url, &cp.bootstrap_token(), false);
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(30));
     let size = 16 * MIB;
     let src = t.source_path("d2");
     make_image(&src, size, 82);
     let key = t.key_path("d2");
-    let cmd = assign(&cp, &gw_id, "d2", size, &key);
-    wait_command(&cp, &cmd, Duration::from_secs(60));
+    let cmd = cp.assign(&gw_id, "d2", size, &key);
+    cp.wait_command(&cmd, Duration::from_secs(60));
     let agent = AgentCmd::new(gw.addr, "d2", &key, &t.state_dir("d2"), &src);
     agent.run(Duration::from_secs(120)).expect_verified();
 
@@ -309,7 +272,7 @@ fn bad_and_reused_bootstrap_tokens_are_refused() {
     // A token used by a first gateway…
     let token = cp.bootstrap_token();
     std::fs::write(t.path("bootstrap.token"), &token).unwrap();
-    let first = gateway_id(&cp);
+    let first = cp.online_gateway(Duration::from_secs(30));
     gw.terminate(Duration::from_secs(30));
     // …is refused to a second one.
     let t2 = TestDir::new("upward-tokens-2");
@@ -338,13 +301,13 @@ fn a_command_delivered_again_runs_once_even_across_a_restart() {
     let cp = ControlPlane::start_in(&t.path("control"), &["--redeliver-after-secs", "1"]);
     let proxy = FaultProxy::start(cp.addr);
     let mut gw = start_gateway(&t, &proxy.url(), &cp.bootstrap_token(), false);
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(30));
     let size = 8 * MIB;
     let src = t.source_path("d3");
     make_image(&src, size, 83);
     let key = t.key_path("d3");
-    let cmd = assign(&cp, &gw_id, "d3", size, &key);
-    wait_command(&cp, &cmd, Duration::from_secs(60));
+    let cmd = cp.assign(&gw_id, "d3", size, &key);
+    cp.wait_command(&cmd, Duration::from_secs(60));
     AgentCmd::new(gw.addr, "d3", &key, &t.state_dir("d3"), &src)
         .run(Duration::from_secs(120))
         .expect_verified();
@@ -385,7 +348,7 @@ fn a_command_delivered_again_runs_once_even_across_a_restart() {
         || (deliveries(&cp) > before).then_some(()),
     );
     proxy.heal();
-    let view = wait_command(&cp, &id, Duration::from_secs(60));
+    let view = cp.wait_command(&id, Duration::from_secs(60));
     assert_eq!(view.state, CommandState::Succeeded, "{view:?}");
     assert!(view.deliveries >= 3, "{view:?}");
     assert_eq!(instances(), 1, "the launch ran once");
@@ -406,13 +369,13 @@ fn replication_goes_on_while_the_control_plane_is_down() {
     let mut cp = ControlPlane::start_in(&t.path("control"), &[]);
     let proxy = FaultProxy::start(cp.addr);
     let gw = start_gateway(&t, &proxy.url(), &cp.bootstrap_token(), false);
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(30));
     let size = 16 * MIB;
     let src = t.source_path("d4");
     make_image(&src, size, 84);
     let key = t.key_path("d4");
-    let cmd = assign(&cp, &gw_id, "d4", size, &key);
-    wait_command(&cp, &cmd, Duration::from_secs(60));
+    let cmd = cp.assign(&gw_id, "d4", size, &key);
+    cp.wait_command(&cmd, Duration::from_secs(60));
     wait_disk_state(&cp, "d4", DiskState::Initiating);
 
     // Down: the control plane is killed and the network refuses.
@@ -493,18 +456,15 @@ fn cutover_mid_pass_launches_the_last_checkpoint_and_refuses_without_one() {
     let t = TestDir::new("upward-cutover-mid-pass");
     let cp = ControlPlane::start_in(&t.path("control"), &[]);
     let gw = start_gateway(&t, &cp.url, &cp.bootstrap_token(), false);
-    let gw_id = gateway_id(&cp);
+    let gw_id = cp.online_gateway(Duration::from_secs(30));
 
     // No checkpoint yet: refused, and the disk still replicates afterwards.
     let size = 16 * MIB;
     let src = t.source_path("d6");
     make_image(&src, size, 86);
     let key = t.key_path("d6");
-    wait_command(
-        &cp,
-        &assign(&cp, &gw_id, "d6", size, &key),
-        Duration::from_secs(60),
-    );
+    let cmd = cp.assign(&gw_id, "d6", size, &key);
+    cp.wait_command(&cmd, Duration::from_secs(60));
     let out = cp.cli(&["cutover", "--disk-id", "d6"]);
     assert!(!out.status.success(), "{}", out.describe());
     assert!(out.stdout.contains("no checkpoint"), "{}", out.describe());

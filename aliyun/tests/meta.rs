@@ -42,7 +42,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// One raw HTTP/1.1 exchange; returns the status code and the body.
 async fn raw(server: &FakeMetaServer, head: &str) -> (u16, String) {
     let mut s = TcpStream::connect(server.addr()).await.unwrap();
-    let req = format!("{head}\r\nHost: 100.100.100.200\r\nConnection: close\r\n\r\n");
+    let host = server.addr();
+    let req = format!("{head}\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();

@@ -32,18 +32,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
+        let shared = sync_common::retry::RetryPolicy::default();
         Self {
-            // 10 attempts with the base and cap below wait ~35 s on average and at most ~75 s
-            // in all: long enough to ride out a throttling burst of a busy account (EC2
-            // refills its API token buckets every second), short enough that a real outage
-            // surfaces in the gateway's status within a couple of report intervals.
-            max_attempts: 10,
-            // 200 ms: EC2 answers in tens of ms, and a refilled bucket has room again after a
-            // fraction of a second, so the first retries should be quick.
-            base: Duration::from_millis(200),
-            // 20 s: the SDK's own standard-mode maximum backoff; beyond it a throttled client
-            // gains nothing but latency.
-            cap: Duration::from_secs(20),
+            max_attempts: shared.max_attempts,
+            base: shared.base,
+            cap: shared.cap,
             // 60 s: AWS documents that a new resource may not be visible to all API calls
             // "for a short period"; in practice seconds. A minute covers that with margin
             // without hiding a genuinely wrong id for long.

@@ -328,13 +328,12 @@ async fn a_new_volume_not_yet_visible_is_waited_for() {
         .await
         .unwrap();
     let before = ec2.retry_stats().snapshot().retries;
-    proxy.add_fault(Fault {
-        action: Some("DescribeVolumes".into()),
-        times: 2,
-        status: 400,
-        code: "InvalidVolume.NotFound".into(),
-        forward_first: false,
-    });
+    proxy.add_fault(Fault::error(
+        "DescribeVolumes",
+        2,
+        400,
+        "InvalidVolume.NotFound",
+    ));
     let info = ec2.describe_volume(&vol).await.unwrap();
     assert_eq!(info.id, vol);
     assert_eq!(ec2.retry_stats().snapshot().retries - before, 2);
@@ -405,13 +404,7 @@ async fn lost_create_snapshot_response_does_not_make_a_second_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_denied_names_the_missing_action() {
     let moto = Moto::start();
-    let denied = Fault {
-        action: Some("CreateSnapshot".into()),
-        times: 1,
-        status: 403,
-        code: "UnauthorizedOperation".into(),
-        forward_first: false,
-    };
+    let denied = Fault::error("CreateSnapshot", 1, 403, "UnauthorizedOperation");
     let proxy = FaultProxy::start(&moto.url(), vec![denied]).await;
     let ec2 = client(&proxy.url());
     let vol = ec2

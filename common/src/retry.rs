@@ -10,6 +10,47 @@ use std::time::Duration;
 
 use rand::Rng;
 
+/// How hard to retry one cloud API call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Ceiling of the first backoff; doubles per retry.
+    pub base: Duration,
+    /// Largest ceiling.
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            // 10 attempts with the base and cap below wait ~35 s on average and at most ~75 s
+            // in all: long enough to ride out a throttling burst of a busy account (EC2 and
+            // ECS refill their API quotas every second), short enough that a real outage
+            // surfaces in the gateway's status within a couple of report intervals.
+            max_attempts: 10,
+            // 200 ms: the APIs answer in tens of ms, and a refilled quota has room again
+            // after a fraction of a second, so the first retries should be quick.
+            base: Duration::from_millis(200),
+            // 20 s: the AWS SDK's own standard-mode maximum backoff; beyond it a throttled
+            // client gains nothing but latency.
+            cap: Duration::from_secs(20),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff ceiling before retry number `retry` (0 = the first retry).
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        ceiling(self.base, self.cap, retry)
+    }
+
+    /// A full-jitter backoff: uniform in `[0, ceiling(retry)]`.
+    pub fn backoff(&self, retry: u32, rng: &mut impl Rng) -> Duration {
+        full_jitter(self.base, self.cap, retry, rng)
+    }
+}
+
 /// Backoff ceiling before retry number `retry`: `min(cap, base·2^retry)`.
 pub fn ceiling(base: Duration, cap: Duration, retry: u32) -> Duration {
     // 2^20 · base is beyond any sane cap already; the clamp keeps the shift in range.

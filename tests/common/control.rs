@@ -296,6 +296,50 @@ impl ControlPlane {
             .and_then(|d| d.status)
     }
 
+    /// The id of the first gateway reported online, once there is one (panics after `within`).
+    pub fn online_gateway(&self, within: Duration) -> String {
+        poll(within, "a gateway to register", || {
+            self.status()
+                .gateways
+                .into_iter()
+                .find(|g| g.online)
+                .map(|g| g.gateway_id)
+        })
+    }
+
+    /// `disk assign` through the CLI; writes the agent key file; returns the command id.
+    pub fn assign(&self, gw: &str, disk: &str, size: u64, key_file: &Path) -> String {
+        let v = self.cli_json(&[
+            "disk",
+            "assign",
+            "--gateway",
+            gw,
+            "--disk-id",
+            disk,
+            "--size",
+            &size.to_string(),
+        ]);
+        let key = v["agent_key"].as_str().unwrap().to_string();
+        assert_eq!(key.len(), 64, "agent_key: {v}");
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{v}");
+        std::fs::write(key_file, format!("{key}\n")).unwrap();
+        v["command_id"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until command `id` has succeeded or failed (panics after `within`).
+    pub fn wait_command(&self, id: &str, within: Duration) -> sync_gateway::api::CommandView {
+        poll(within, &format!("command {id} to finish"), || {
+            let v = self.cli_json(&["command", "show", id]);
+            let view: sync_gateway::api::CommandView = serde_json::from_value(v).unwrap();
+            matches!(
+                view.state,
+                sync_gateway::api::CommandState::Succeeded
+                    | sync_gateway::api::CommandState::Failed
+            )
+            .then_some(view)
+        })
+    }
+
     /// SIGKILL (a crash); [`ControlPlane::start_again`] brings it back on the same state dir.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -542,5 +586,17 @@ pub fn make_test_certs(dir: &Path) -> TestCerts {
         ca: dir.join("ca.pem"),
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+    }
+}
+
+/// Polls `f` every 100 ms until it gives a value; panics naming `what` after `within`.
+fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

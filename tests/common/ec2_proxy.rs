@@ -63,6 +63,17 @@ pub struct Fault {
 }
 
 impl Fault {
+    /// The next `times` requests of `action` get EC2 error `code` with HTTP `status`.
+    pub fn error(action: &str, times: u64, status: u16, code: &str) -> Fault {
+        Fault {
+            action: Some(action.into()),
+            times,
+            status,
+            code: code.into(),
+            forward_first: false,
+        }
+    }
+
     pub fn throttle(action: &str, times: u64) -> Fault {
         Fault {
             action: Some(action.into()),

@@ -39,23 +39,43 @@ pub fn parse_proc_addr(s: &str) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// TCP sockets in state LISTEN (0A) that process `pid` holds.
-pub fn listening_sockets(pid: u32) -> BTreeSet<SocketAddr> {
+/// TCP sockets process `pid` holds: (state as /proc spells it, local address, peer address).
+fn tcp_sockets(pid: u32) -> Vec<(String, SocketAddr, SocketAddr)> {
     let inodes = socket_inodes(pid);
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue; // no IPv6 in this kernel
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
+            if f.len() < 10 || !inodes.contains(&f[9].parse::<u64>().unwrap()) {
                 continue;
             }
-            if inodes.contains(&f[9].parse::<u64>().unwrap()) {
-                out.insert(parse_proc_addr(f[1]));
-            }
+            out.push((
+                f[3].to_string(),
+                parse_proc_addr(f[1]),
+                parse_proc_addr(f[2]),
+            ));
         }
     }
     out
+}
+
+/// TCP sockets in state LISTEN (0A) that process `pid` holds.
+pub fn listening_sockets(pid: u32) -> BTreeSet<SocketAddr> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|(state, _, _)| state == "0A")
+        .map(|(_, local, _)| local)
+        .collect()
+}
+
+/// The peers of the TCP connections process `pid` holds (every state but LISTEN).
+pub fn connected_peers(pid: u32) -> BTreeSet<SocketAddr> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|(state, _, _)| state != "0A")
+        .map(|(_, _, peer)| peer)
+        .collect()
 }

@@ -368,14 +368,8 @@ impl AwsBackend {
         let vol_id = inner.volume_of(&req.disk_id).await?;
         let generation = volume.generation();
         let created_unix_ms = crate::server::disk::unix_ms();
-        let tags = inner.snapshot_tags(&req, created_unix_ms, volume.size(), None);
-        let description = description(&format!(
-            "sync-gateway {} checkpoint {} (seq {})",
-            req.disk_id, req.label, req.checkpoint_seq
-        ));
         let id = inner
-            .ec2
-            .create_snapshot(&vol_id, &description, &tags)
+            .create_snapshot(&vol_id, &req, created_unix_ms, volume.size(), None)
             .await
             .map_err(|e| BackendError::cloud(&req.disk_id, e))?;
         let info = SnapshotInfo {
@@ -915,6 +909,25 @@ impl Inner {
         t
     }
 
+    /// CreateSnapshot of `volume` for checkpoint `req`, tagged so that [`from_ec2`] reads it
+    /// back; `replaces`: the failed snapshot this one takes again.
+    async fn create_snapshot(
+        &self,
+        volume: &VolumeId,
+        req: &SnapshotRequest,
+        created_unix_ms: u64,
+        size: u64,
+        replaces: Option<&str>,
+    ) -> Result<SnapshotId, sync_aws::AwsError> {
+        let tags = self.snapshot_tags(req, created_unix_ms, size, replaces);
+        let retaken = if replaces.is_some() { ", retaken" } else { "" };
+        let description = description(&format!(
+            "sync-gateway {} checkpoint {} (seq {}){retaken}",
+            req.disk_id, req.label, req.checkpoint_seq
+        ));
+        self.ec2.create_snapshot(volume, &description, &tags).await
+    }
+
     fn snapshot_tags(
         &self,
         req: &SnapshotRequest,
@@ -1045,19 +1058,14 @@ impl Inner {
             label: first.label.clone(),
             checkpoint_seq: first.checkpoint_seq,
         };
-        let tags = self.snapshot_tags(
-            &req,
-            first.created_unix_ms,
-            first.size_bytes,
-            Some(&first.id),
-        );
-        let description = description(&format!(
-            "sync-gateway {} checkpoint {} (seq {}), retaken",
-            req.disk_id, req.label, req.checkpoint_seq
-        ));
         let id = self
-            .ec2
-            .create_snapshot(&vol_id, &description, &tags)
+            .create_snapshot(
+                &vol_id,
+                &req,
+                first.created_unix_ms,
+                first.size_bytes,
+                Some(&first.id),
+            )
             .await
             .map_err(|e| e.to_string())?;
         if volume.generation() != generation {
