@@ -11,6 +11,7 @@
 //! | [`ecs`] | the RPC-style ECS client: disks, snapshots, images, instances |
 //! | [`meta`] | the instance metadata service in hardened mode: identity, RAM role credentials |
 //! | [`oss`] | OSS with signature V4 (`OSS4-HMAC-SHA256`): put, multipart, get, head, delete, presign |
+//! | [`settings`] | the `[backend] kind = "aliyun"` table of the gateway config |
 //! | `testing` | (feature `testing`) local ECS, OSS and metadata servers that check signatures |
 
 pub mod acs3;
@@ -18,6 +19,7 @@ pub mod credentials;
 pub mod ecs;
 pub mod meta;
 pub mod oss;
+pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -369,6 +369,11 @@ impl InstanceMetadata {
         self.get_line("meta-data/zone-id").await
     }
 
+    /// The vSwitch of the instance's primary network interface, `vsw-…`.
+    pub async fn vswitch_id(&self) -> Result<String, MetaError> {
+        self.get_line("meta-data/vswitch-id").await
+    }
+
     /// The instance identity document.
     pub async fn identity_document(&self) -> Result<IdentityDocument, MetaError> {
         let item = "dynamic/instance-identity/document";

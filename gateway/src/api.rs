@@ -125,11 +125,16 @@ impl std::fmt::Debug for BootstrapToken {
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // `assign_disk` carries an agent key in its args.
-        let args: &dyn std::fmt::Debug = if self.kind == kinds::ASSIGN_DISK {
-            &REDACTED
-        } else {
-            &self.args
+        // `assign_disk` carries an agent key in its args, `collect_diagnostics` may carry a
+        // presigned URL (a signature and an STS token in its query).
+        let redacted_args;
+        let args: &dyn std::fmt::Debug = match self.kind.as_str() {
+            kinds::ASSIGN_DISK => &REDACTED,
+            kinds::COLLECT_DIAGNOSTICS => {
+                redacted_args = redact_command_args(&self.args);
+                &redacted_args
+            }
+            _ => &self.args,
         };
         f.debug_struct("Command")
             .field("id", &self.id)
@@ -138,6 +143,53 @@ impl std::fmt::Debug for Command {
             .field("issued_unix_ms", &self.issued_unix_ms)
             .finish()
     }
+}
+
+impl std::fmt::Debug for CollectDiagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CollectDiagnostics")
+            .field("upload_url", &self.upload_url.as_deref().map(redact_url))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// `url` without what grants access: the query (a presigned URL's signature, credential and
+/// STS token) and any `user:password@`. What is left names the object, for people.
+pub fn redact_url(url: &str) -> String {
+    let (base, had_query) = match url.split_once(['?', '#']) {
+        Some((b, _)) => (b, true),
+        None => (url, false),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://{REDACTED}@{host}{path}"),
+                None => base.to_string(),
+            }
+        }
+        None => base.to_string(),
+    };
+    if had_query {
+        format!("{base}?{REDACTED}")
+    } else {
+        base
+    }
+}
+
+/// A command's args as they may be shown: agent keys redacted, URLs without their query.
+pub fn redact_command_args(args: &serde_json::Value) -> serde_json::Value {
+    let mut args = args.clone();
+    if let Some(obj) = args.as_object_mut() {
+        if let Some(key) = obj.get_mut("agent_key") {
+            *key = serde_json::Value::String(REDACTED.into());
+        }
+        if let Some(serde_json::Value::String(url)) = obj.get_mut("upload_url") {
+            *url = redact_url(url);
+        }
+    }
+    args
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -214,6 +266,7 @@ pub mod kinds {
     pub const TEST_LAUNCH: &str = "test_launch";
     pub const CUTOVER: &str = "cutover";
     pub const FINALIZE: &str = "finalize";
+    pub const COLLECT_DIAGNOSTICS: &str = "collect_diagnostics";
     /// Every kind this version defines.
     pub const ALL: &[&str] = &[
         ASSIGN_DISK,
@@ -223,6 +276,7 @@ pub mod kinds {
         TEST_LAUNCH,
         CUTOVER,
         FINALIZE,
+        COLLECT_DIAGNOSTICS,
     ];
 }
 
@@ -262,6 +316,81 @@ pub struct Policy {
     pub bandwidth_limit_bytes_per_sec: Option<u64>,
 }
 
+/// `collect_diagnostics`: bundle the gateway's recent logs, redacted config, state, versions
+/// and status into a `.tar.gz` and upload it; the result names the object (see
+/// [`crate::diagnostics`]).
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CollectDiagnostics {
+    /// A presigned PUT URL (e.g. an OSS presigned URL, made without a `Content-Type`) that the
+    /// bundle is uploaded to; it names the object. Absent: the bucket and prefix of the
+    /// gateway's `[diagnostics]` config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_url: Option<String>,
+    /// Key prefix in the configured bucket (default: `[diagnostics] oss_prefix`); a `/` is
+    /// added when it does not end with one. Not with `upload_url`, which names its own object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_prefix: Option<String>,
+}
+
+/// Longest accepted `upload_url` (a presigned URL with an STS token is about 2 KB).
+pub const MAX_UPLOAD_URL_LEN: usize = 8192;
+/// Longest accepted `key_prefix` (OSS keys are at most 1023 bytes; the file name needs ~80).
+pub const MAX_KEY_PREFIX_LEN: usize = 512;
+
+impl CollectDiagnostics {
+    /// Checks the args the way both ends need them: an absolute http(s) URL with a host, a
+    /// prefix that makes a plain relative key, not both.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.upload_url {
+            if self.key_prefix.is_some() {
+                return Err(
+                    "give upload_url or key_prefix, not both: a presigned URL names \
+                    its object itself"
+                        .into(),
+                );
+            }
+            if url.len() > MAX_UPLOAD_URL_LEN {
+                return Err(format!(
+                    "upload_url is longer than {MAX_UPLOAD_URL_LEN} bytes"
+                ));
+            }
+            let uri: hyper::Uri = url
+                .parse()
+                .map_err(|e| format!("upload_url {}: {e}", redact_url(url)))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(format!(
+                    "upload_url {}: expected an absolute http(s) URL (a presigned PUT URL)",
+                    redact_url(url)
+                ));
+            }
+            if matches!(uri.path(), "" | "/") {
+                return Err(format!(
+                    "upload_url {}: names no object (the path is empty)",
+                    redact_url(url)
+                ));
+            }
+        }
+        if let Some(p) = &self.key_prefix {
+            if p.len() > MAX_KEY_PREFIX_LEN {
+                return Err(format!(
+                    "key_prefix is longer than {MAX_KEY_PREFIX_LEN} bytes"
+                ));
+            }
+            if p.starts_with('/')
+                || p.chars().any(|c| c.is_control() || c == '\\')
+                || p.split('/').any(|seg| seg == "." || seg == "..")
+            {
+                return Err(format!(
+                    "key_prefix {p:?}: expected a relative key prefix like \
+                     \"sync-gateway/diagnostics/\" (no leading '/', no '.' or '..' segments, \
+                     no control characters or '\\')"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A command, parsed by kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -272,6 +401,7 @@ pub enum Action {
     TestLaunch(TestLaunch),
     Cutover(DiskRef),
     Finalize(DiskRef),
+    CollectDiagnostics(CollectDiagnostics),
 }
 
 impl Action {
@@ -289,6 +419,17 @@ impl Action {
             kinds::TEST_LAUNCH => Action::TestLaunch(args(cmd)?),
             kinds::CUTOVER => Action::Cutover(args(cmd)?),
             kinds::FINALIZE => Action::Finalize(args(cmd)?),
+            kinds::COLLECT_DIAGNOSTICS => {
+                // Absent or null args: no URL, no prefix.
+                let a: CollectDiagnostics = if cmd.args.is_null() {
+                    CollectDiagnostics::default()
+                } else {
+                    args(cmd)?
+                };
+                a.validate()
+                    .map_err(|e| format!("command {} ({}): bad args: {e}", cmd.id, cmd.kind))?;
+                Action::CollectDiagnostics(a)
+            }
             other => {
                 return Err(format!(
                     "command {}: kind {other:?} is not supported by sync-gateway {}",
@@ -309,6 +450,7 @@ impl Action {
             Action::TestLaunch(a) => (kinds::TEST_LAUNCH, serde_json::to_value(a)),
             Action::Cutover(a) => (kinds::CUTOVER, serde_json::to_value(a)),
             Action::Finalize(a) => (kinds::FINALIZE, serde_json::to_value(a)),
+            Action::CollectDiagnostics(a) => (kinds::COLLECT_DIAGNOSTICS, serde_json::to_value(a)),
         };
         Command {
             id,
@@ -327,7 +469,7 @@ impl Action {
             | Action::Cutover(d)
             | Action::Finalize(d) => Some(&d.disk_id),
             Action::TestLaunch(t) => Some(&t.disk_id),
-            Action::SetPolicy(_) => None,
+            Action::SetPolicy(_) | Action::CollectDiagnostics(_) => None,
         }
     }
 }
@@ -350,10 +492,29 @@ pub struct CommandResult {
     #[serde(default)]
     pub message: String,
     /// Kind-specific output: `{"snapshot": SnapshotSummary}` for `snapshot_now`,
-    /// `{"launch": LaunchInfo}` for launches, `{}` otherwise.
+    /// `{"launch": LaunchInfo}` for launches, `{"diagnostics": DiagnosticsBundle}` for
+    /// `collect_diagnostics`, `{}` otherwise.
     #[serde(default)]
     pub output: serde_json::Value,
     pub finished_unix_ms: u64,
+}
+
+/// Where a `collect_diagnostics` bundle went: `CommandResult.output.diagnostics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiagnosticsBundle {
+    /// The object key: in the configured bucket, or the presigned URL's path (percent-decoded,
+    /// without the leading `/`; with path-style URLs it starts with the bucket).
+    pub object_key: String,
+    /// The bucket, when the gateway uploaded to its configured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// The object's URL without any query (nothing in it grants access).
+    pub url: String,
+    /// `diagnostics-<gateway>-<UTC time>.tar.gz`; its top directory has the same name.
+    pub file_name: String,
+    pub size_bytes: u64,
+    /// SHA-256 of the archive, hex.
+    pub sha256: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -718,6 +879,10 @@ mod tests {
             Action::Finalize(DiskRef {
                 disk_id: "d".into(),
             }),
+            Action::CollectDiagnostics(CollectDiagnostics {
+                upload_url: Some("https://b.example.com/k?x-oss-signature=s".into()),
+                key_prefix: None,
+            }),
         ];
         assert_eq!(actions.len(), kinds::ALL.len());
         for a in actions {
@@ -733,12 +898,12 @@ mod tests {
     fn an_unknown_kind_or_bad_args_is_an_error_naming_the_command() {
         let cmd = Command {
             id: "c9".into(),
-            kind: "collect_diagnostics".into(),
+            kind: "reboot_gateway".into(),
             args: serde_json::json!({}),
             issued_unix_ms: 0,
         };
         let e = Action::parse(&cmd).unwrap_err();
-        assert!(e.contains("c9") && e.contains("collect_diagnostics"), "{e}");
+        assert!(e.contains("c9") && e.contains("reboot_gateway"), "{e}");
         let cmd = Command {
             kind: kinds::ASSIGN_DISK.into(),
             args: serde_json::json!({"disk_id": 5}),
@@ -746,6 +911,75 @@ mod tests {
         };
         let e = Action::parse(&cmd).unwrap_err();
         assert!(e.contains("bad args"), "{e}");
+    }
+
+    #[test]
+    fn collect_diagnostics_args_are_optional_and_checked() {
+        let cmd = |args: serde_json::Value| Command {
+            id: "c1".into(),
+            kind: kinds::COLLECT_DIAGNOSTICS.into(),
+            args,
+            issued_unix_ms: 0,
+        };
+        for empty in [serde_json::Value::Null, serde_json::json!({})] {
+            assert_eq!(
+                Action::parse(&cmd(empty)).unwrap(),
+                Action::CollectDiagnostics(CollectDiagnostics::default())
+            );
+        }
+        let ok = serde_json::json!({"key_prefix": "support/case-17/"});
+        assert!(Action::parse(&cmd(ok)).is_ok());
+        for (bad, why) in [
+            (
+                serde_json::json!({"upload_url": "ftp://h/k"}),
+                "absolute http(s)",
+            ),
+            (
+                serde_json::json!({"upload_url": "/just/a/path"}),
+                "absolute http(s)",
+            ),
+            (
+                serde_json::json!({"upload_url": "http://h/?x=1"}),
+                "names no object",
+            ),
+            (
+                serde_json::json!({"upload_url": "http://h/k", "key_prefix": "p/"}),
+                "not both",
+            ),
+            (serde_json::json!({"key_prefix": "/abs/"}), "relative"),
+            (serde_json::json!({"key_prefix": "a/../b/"}), "relative"),
+            (serde_json::json!({"upload_url": 7}), "bad args"),
+        ] {
+            let e = Action::parse(&cmd(bad.clone())).unwrap_err();
+            assert!(e.contains(why) && e.contains("c1"), "{bad}: {e}");
+        }
+        // The errors never echo a URL's query.
+        let e = Action::parse(&cmd(serde_json::json!({
+            "upload_url": "gopher://h/k?x-oss-security-token=TOKEN123"
+        })))
+        .unwrap_err();
+        assert!(!e.contains("TOKEN123"), "{e}");
+    }
+
+    #[test]
+    fn urls_lose_their_query_and_user_info_when_shown() {
+        assert_eq!(
+            redact_url("https://b.oss-cn-hangzhou.aliyuncs.com/k/x.tar.gz?x-oss-signature=abc"),
+            "https://b.oss-cn-hangzhou.aliyuncs.com/k/x.tar.gz?<redacted>"
+        );
+        assert_eq!(
+            redact_url("http://user:pw@127.0.0.1:9/b/k"),
+            "http://<redacted>@127.0.0.1:9/b/k"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:9/b/k"),
+            "http://127.0.0.1:9/b/k"
+        );
+        let args = redact_command_args(&serde_json::json!({
+            "upload_url": "http://h/k?x-oss-security-token=TOKEN", "agent_key": "ab"
+        }));
+        assert_eq!(args["upload_url"], "http://h/k?<redacted>");
+        assert_eq!(args["agent_key"], REDACTED);
     }
 
     #[test]
@@ -757,8 +991,19 @@ mod tests {
             agent_key: secret.clone(),
         })
         .to_command("c".into(), 0);
+        let diag = Action::CollectDiagnostics(CollectDiagnostics {
+            upload_url: Some(format!(
+                "http://127.0.0.1:1/b/k?x-oss-security-token={secret}"
+            )),
+            key_prefix: None,
+        });
+        let Action::CollectDiagnostics(args) = &diag else {
+            unreachable!()
+        };
         let shown = [
             format!("{cmd:?}"),
+            format!("{:?}", diag.to_command("c".into(), 0)),
+            format!("{args:?}"),
             format!(
                 "{:?}",
                 RegisterRequest {

@@ -22,17 +22,57 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// Logs to stderr with `filter` (tracing syntax; `info` when it does not parse), as JSON
 /// lines or as text (coloured on a terminal).
 pub fn init_logging(filter: &str, json: bool) {
+    init(filter, json, None);
+}
+
+/// [`init_logging`], and every event that passes the filter is also kept in a bounded
+/// in-memory ring (the gateway's recent log, for diagnostics bundles; see
+/// [`crate::diagnostics::logring`]).
+pub fn init_logging_with_capture(filter: &str, json: bool) {
+    use crate::diagnostics::logring::{self, LogRing, MAX_LOG_BYTES, MAX_LOG_LINES};
+    let ring = logring::install(std::sync::Arc::new(LogRing::new(
+        MAX_LOG_BYTES,
+        MAX_LOG_LINES,
+    )));
+    init(filter, json, Some(ring));
+}
+
+fn init(
+    filter: &str,
+    json: bool,
+    capture: Option<std::sync::Arc<crate::diagnostics::logring::LogRing>>,
+) {
     use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let stderr = fmt_layer(json, std::io::stderr().is_terminal(), std::io::stderr);
+    let ring = capture.map(|r| fmt_layer(json, false, crate::diagnostics::logring::RingWriter(r)));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(ring)
+        .init();
+}
+
+/// One formatting layer: text or JSON lines into `writer`.
+fn fmt_layer<S, W>(
+    json: bool,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer;
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(writer);
     if json {
-        builder.json().init();
+        layer.json().boxed()
     } else {
-        builder.init();
+        layer.boxed()
     }
 }
 

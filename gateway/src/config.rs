@@ -56,6 +56,102 @@ pub struct Config {
     /// Disks served in standalone mode (no control plane), or in addition to assigned ones.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Where `collect_diagnostics` bundles go when the command carries no presigned URL.
+    #[serde(default)]
+    pub diagnostics: DiagnosticsConfig,
+}
+
+/// The `[diagnostics]` table: the OSS bucket and prefix that diagnostics bundles are uploaded
+/// to when a `collect_diagnostics` command carries no `upload_url`. Uploads are signed with the
+/// gateway's own RAM role credentials, so this works on `aliyun` gateways; elsewhere commands
+/// must carry a presigned URL.
+///
+/// ```toml
+/// [diagnostics]
+/// oss_bucket = "acme-support"
+/// oss_prefix = "sync-gateway/diagnostics/"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsConfig {
+    /// OSS bucket of bundles. Absent (the default): only commands with an `upload_url` upload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oss_bucket: Option<String>,
+    /// Key prefix of bundles in the bucket (a command's `key_prefix` replaces it).
+    pub oss_prefix: String,
+    /// OSS endpoint, `scheme://host[:port]`. Default `https://oss-REGION.aliyuncs.com`; tests
+    /// point it at a local OSS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oss_endpoint: Option<String>,
+    /// Region of the bucket, e.g. `cn-hangzhou`. Default: the gateway's own region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oss_region: Option<String>,
+}
+
+/// Default key prefix of diagnostics bundles.
+pub const DEFAULT_DIAGNOSTICS_PREFIX: &str = "sync-gateway/diagnostics/";
+
+impl Default for DiagnosticsConfig {
+    fn default() -> Self {
+        DiagnosticsConfig {
+            oss_bucket: None,
+            oss_prefix: DEFAULT_DIAGNOSTICS_PREFIX.into(),
+            oss_endpoint: None,
+            oss_region: None,
+        }
+    }
+}
+
+impl DiagnosticsConfig {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(b) = &self.oss_bucket {
+            // OSS's bucket naming rule.
+            let ok = (3..=63).contains(&b.len())
+                && b.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && !b.starts_with('-')
+                && !b.ends_with('-');
+            if !ok {
+                return Err(format!(
+                    "diagnostics.oss_bucket {b:?}: 3-63 lowercase letters, digits and '-', not \
+                     starting or ending with '-'"
+                ));
+            }
+        }
+        let prefix = crate::api::CollectDiagnostics {
+            upload_url: None,
+            key_prefix: Some(self.oss_prefix.clone()),
+        };
+        prefix
+            .validate()
+            .map_err(|e| format!("diagnostics.oss_prefix: {e}"))?;
+        if let Some(e) = &self.oss_endpoint {
+            let uri: Result<hyper::Uri, _> = e.parse();
+            let ok = uri.as_ref().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some()
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none()
+            });
+            if !ok {
+                return Err(format!(
+                    "diagnostics.oss_endpoint {e:?}: expected scheme://host[:port], e.g. \
+                     https://oss-cn-hangzhou.aliyuncs.com"
+                ));
+            }
+        }
+        if self.oss_region.as_deref().is_some_and(|r| {
+            r.is_empty()
+                || !r
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        }) {
+            return Err(
+                "diagnostics.oss_region: expected a region id like cn-hangzhou".to_string(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The upward channel: connections the gateway opens to its control plane (it accepts none).
@@ -122,6 +218,9 @@ pub enum BackendConfig {
     /// EBS volumes attached to this EC2 instance, EBS snapshots, launches by AMI (see
     /// [`sync_aws::AwsSettings`] for the keys).
     Aws(Box<sync_aws::AwsSettings>),
+    /// ECS cloud disks attached to this ECS instance, ECS snapshots, launches by custom image
+    /// (see [`sync_aliyun::settings::AliyunSettings`] for the keys).
+    Aliyun(Box<sync_aliyun::settings::AliyunSettings>),
 }
 
 impl Default for BackendConfig {
@@ -358,6 +457,7 @@ impl Config {
             r.validate()
                 .map_err(|e| ConfigError::Invalid(format!("retention: {e}")))?;
         }
+        self.diagnostics.validate().map_err(ConfigError::Invalid)?;
         let mut seen = std::collections::HashSet::new();
         for d in &self.disks {
             if !protocol::valid_disk_id(&d.id) {
@@ -587,6 +687,49 @@ boot_mode = "uefi"
             "0.0.0.0:9500".to_string(),
         )];
         assert!(Config::from_toml(ISSUE_EXAMPLE, "t", env).is_err());
+    }
+
+    #[test]
+    fn the_diagnostics_table_has_defaults_loads_and_is_checked() {
+        let c = Config::from_toml(ISSUE_EXAMPLE, "t", no_env()).unwrap();
+        assert_eq!(c.diagnostics, DiagnosticsConfig::default());
+        assert_eq!(c.diagnostics.oss_prefix, "sync-gateway/diagnostics/");
+        assert!(c.diagnostics.oss_bucket.is_none());
+        let text = format!(
+            "{ISSUE_EXAMPLE}\n[diagnostics]\noss_bucket = \"acme-support\"\n\
+             oss_endpoint = \"http://127.0.0.1:9000\"\noss_region = \"cn-hangzhou\"\n"
+        );
+        let c = Config::from_toml(&text, "t", no_env()).unwrap();
+        assert_eq!(c.diagnostics.oss_bucket.as_deref(), Some("acme-support"));
+        assert_eq!(c.diagnostics.oss_prefix, DEFAULT_DIAGNOSTICS_PREFIX);
+        assert_eq!(c.diagnostics.oss_region.as_deref(), Some("cn-hangzhou"));
+        Config::from_toml(&c.to_toml(), "rendered", no_env()).unwrap();
+        let env = vec![(
+            "SYNC_GATEWAY_DIAGNOSTICS__OSS_PREFIX".to_string(),
+            "case-42/".to_string(),
+        )];
+        let c = Config::from_toml(&text, "t", env).unwrap();
+        assert_eq!(c.diagnostics.oss_prefix, "case-42/");
+        for (bad, what) in [
+            ("oss_bukket = \"b\"", "oss_bukket"),
+            ("oss_bucket = \"Has_Caps\"", "oss_bucket"),
+            ("oss_bucket = \"ab\"", "oss_bucket"),
+            ("oss_prefix = \"/abs/\"", "oss_prefix"),
+            ("oss_prefix = \"a/../b\"", "oss_prefix"),
+            (
+                "oss_endpoint = \"oss-cn-hangzhou.aliyuncs.com\"",
+                "oss_endpoint",
+            ),
+            (
+                "oss_endpoint = \"http://127.0.0.1:9/bucket\"",
+                "oss_endpoint",
+            ),
+            ("oss_region = \"\"", "oss_region"),
+        ] {
+            let text = format!("{ISSUE_EXAMPLE}\n[diagnostics]\n{bad}\n");
+            let e = Config::from_toml(&text, "t", no_env()).unwrap_err();
+            assert!(e.to_string().contains(what), "{bad}: {e}");
+        }
     }
 
     #[test]

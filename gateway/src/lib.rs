@@ -14,6 +14,8 @@
 //! - [`upward`]: the gateway's connections to its control plane (register, poll, report).
 //! - [`agent`]: the reference agent that scans a source and streams its changes.
 //! - [`control_plane`]: `sync-control`, the reference control plane (API, state, console).
+//! - [`diagnostics`]: the `collect_diagnostics` bundle: recent log, redacted config and state,
+//!   versions, status; built as `.tar.gz` and uploaded to OSS or a presigned URL.
 
 pub mod agent;
 pub mod api;
@@ -21,6 +23,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod control_plane;
+pub mod diagnostics;
 pub mod durable;
 pub mod http_client;
 pub mod net;

@@ -1075,3 +1075,64 @@ pub fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The venv's Python (`scripts/test` installs moto, boto3 and the Alibaba SDKs there), else
+/// python3 on PATH.
+pub fn venv_python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python3");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// A source image whose MBR has an EFI system partition (type 0xEF): a UEFI boot disk.
+pub fn make_uefi_image(path: &Path, size: u64, seed: u64) {
+    make_image(path, size, seed);
+    mark_uefi(path);
+}
+
+/// [`apply_scattered_changes`] to a UEFI boot disk, whose MBR is written again after (a
+/// change may hit sector 0).
+pub fn change_uefi_image(path: &Path, fraction_pct: u64, seed: u64) {
+    apply_scattered_changes(path, fraction_pct, seed);
+    mark_uefi(path);
+}
+
+fn mark_uefi(path: &Path) {
+    let mut head = vec![0u8; 512];
+    head[446 + 4] = 0xef;
+    head[510] = 0x55;
+    head[511] = 0xaa;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    f.write_all_at(&head, 0).expect("write the MBR");
+}
+
+/// Every member of a `.tar.gz`: (path, bytes).
+pub fn unpack_tar_gz(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    ar.entries()
+        .expect("a tar.gz")
+        .map(|e| {
+            let mut e = e.expect("a tar member");
+            let name = e
+                .path()
+                .expect("a member path")
+                .to_string_lossy()
+                .into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).expect("a member's bytes");
+            (name, data)
+        })
+        .collect()
+}
+
+/// Whether `hay` holds `needle`, ignoring ASCII case.
+pub fn contains_ci(hay: &[u8], needle: &str) -> bool {
+    let hay = String::from_utf8_lossy(hay).to_ascii_lowercase();
+    hay.contains(&needle.to_ascii_lowercase())
+}

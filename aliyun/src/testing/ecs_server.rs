@@ -162,6 +162,21 @@ impl EcsServer {
         self.state().add_running_instance(instance_id, zone_id);
     }
 
+    /// Plays udev: disks attached from now on appear under `dir` as `virtio-SERIAL`.
+    pub fn set_device_dir(&self, dir: &std::path::Path) {
+        self.state().device_dir = Some(dir.to_path_buf());
+    }
+
+    /// The next `n` imports (ImportImage) end `CreateFailed` instead of `Available`.
+    pub fn fail_next_imports(&self, n: u32) {
+        self.state().fail_imports = n;
+    }
+
+    /// The next `n` snapshots end `failed` instead of `accomplished`.
+    pub fn fail_next_snapshots(&self, n: u32) {
+        self.state().fail_snapshots = n;
+    }
+
     /// Answers the next `n` calls of `action` with 400 `Throttling.User`.
     pub fn throttle(&self, action: &str, n: u32) {
         self.inject_fault(

@@ -45,6 +45,7 @@ pub struct FakeMetaConfig {
     pub serial_number: String,
     pub mac: String,
     pub private_ipv4: String,
+    pub vswitch_id: String,
     /// What `instance-identity/pkcs7` returns (tests compare it verbatim).
     pub pkcs7: String,
     /// The attached RAM role; `None`: no role (the listing answers 404).
@@ -69,6 +70,7 @@ impl Default for FakeMetaConfig {
             serial_number: "4acd2b47-b328-4762-852f-998000000000".into(),
             mac: "00:16:3e:0f:00:01".into(),
             private_ipv4: "192.168.0.10".into(),
+            vswitch_id: "vsw-bp1fakegatewayvswitch0".into(),
             pkcs7: "MIIDJwYJKoZIhvcNAQcCoIIDGDCCAxQCAQExCzAJBgUrDgMCGgUAMFakepkcs7".into(),
             role: Some("sync-gateway-role".into()),
             access_key_id: "STS.NUfakeMetaAccessKeyId".into(),
@@ -340,6 +342,7 @@ impl State {
             "/latest/meta-data/instance-id" => c.instance_id.clone(),
             "/latest/meta-data/region-id" => c.region_id.clone(),
             "/latest/meta-data/zone-id" => c.zone_id.clone(),
+            "/latest/meta-data/vswitch-id" => c.vswitch_id.clone(),
             "/latest/dynamic/instance-identity/document" => serde_json::json!({
                 "zone-id": c.zone_id,
                 "serial-number": c.serial_number,

@@ -404,12 +404,20 @@ impl LocalBackend {
                 if !name.ends_with(".json") || name.starts_with('.') {
                     continue;
                 }
-                let text = std::fs::read(&p).map_err(|source| BackendError::Io {
-                    disk: disk_id.unwrap_or("*").into(),
-                    action: "read",
-                    path: p.clone(),
-                    source,
-                })?;
+                let text = match std::fs::read(&p) {
+                    Ok(t) => t,
+                    // Deleted (by retention, or another process) since the directory was
+                    // read: it is no longer a snapshot to list.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => {
+                        return Err(BackendError::Io {
+                            disk: disk_id.unwrap_or("*").into(),
+                            action: "read",
+                            path: p.clone(),
+                            source,
+                        })
+                    }
+                };
                 let info: SnapshotInfo =
                     serde_json::from_slice(&text).map_err(|e| BackendError::Metadata {
                         path: p.clone(),
@@ -534,6 +542,19 @@ pub fn sha256_reader(r: &mut impl Read) -> io::Result<[u8; 32]> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_deleted_while_listing_is_skipped() {
+        // An entry the directory listing saw and that is gone by the time it is read (here a
+        // dangling link: retention deleting it at that moment looks the same).
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path().to_path_buf(), true);
+        let snaps = dir.path().join("snapshots").join("d1");
+        std::fs::create_dir_all(&snaps).unwrap();
+        std::os::unix::fs::symlink(snaps.join("gone"), snaps.join("snap-x.json")).unwrap();
+        assert!(b.list_snapshots(Some("d1")).unwrap().is_empty());
+        assert!(b.list_snapshots(None).unwrap().is_empty());
+    }
 
     #[test]
     fn interrupted_copy_is_marked_failed_on_recovery() {

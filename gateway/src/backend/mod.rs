@@ -1,6 +1,7 @@
 //! Volumes and snapshots behind one interface. Each backend kind is a variant of [`Backend`];
 //! the replication path only sees [`Volume`] and [`SnapshotInfo`].
 
+pub mod aliyun;
 pub mod aws;
 pub mod bootmode;
 pub mod cloud;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use aliyun::AliyunBackend;
 pub use aws::AwsBackend;
 pub use local::LocalBackend;
 pub use volume::{AlignedBuf, BufferPool, Volume};
@@ -210,7 +212,7 @@ pub enum BackendError {
     #[error("disk {disk}: {error}")]
     Cloud {
         disk: String,
-        error: Box<sync_aws::AwsError>,
+        error: Box<cloud::CloudError>,
     },
     /// The attached cloud disk's block device did not show up.
     #[error("disk {disk}: {error}")]
@@ -235,12 +237,19 @@ pub enum BackendError {
 
 impl BackendError {
     /// A failed cloud call concerning `disk` (`*` for none in particular).
-    pub fn cloud(disk: &str, error: sync_aws::AwsError) -> Self {
+    pub fn cloud(disk: &str, error: impl Into<cloud::CloudError>) -> Self {
         BackendError::Cloud {
             disk: disk.to_string(),
-            error: Box::new(error),
+            error: Box::new(error.into()),
         }
     }
+}
+
+/// What an Alibaba Cloud gateway signs OSS requests with.
+#[derive(Debug, Clone)]
+pub struct AliyunAccess {
+    pub region: String,
+    pub credentials: Arc<dyn sync_aliyun::credentials::CredentialsProvider>,
 }
 
 /// The configured backend.
@@ -248,6 +257,7 @@ impl BackendError {
 pub enum Backend {
     Local(LocalBackend),
     Aws(AwsBackend),
+    Aliyun(AliyunBackend),
 }
 
 impl Backend {
@@ -264,7 +274,10 @@ impl Backend {
                     .with_copy_rate(*snapshot_copy_bytes_per_sec),
             )),
             BackendConfig::Aws(settings) => Ok(Backend::Aws(
-                AwsBackend::open((**settings).clone(), config.data_dir.clone()).await?,
+                AwsBackend::open((**settings).clone(), &config.data_dir).await?,
+            )),
+            BackendConfig::Aliyun(settings) => Ok(Backend::Aliyun(
+                AliyunBackend::open((**settings).clone(), &config.data_dir).await?,
             )),
         }
     }
@@ -274,6 +287,16 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             Backend::Aws(b) => b.identity(),
+            Backend::Aliyun(b) => b.identity(),
+        }
+    }
+
+    /// The region and RAM role credentials of an Alibaba Cloud gateway, for OSS uploads
+    /// (diagnostics bundles). `None` on other backends.
+    pub fn aliyun_access(&self) -> Option<AliyunAccess> {
+        match self {
+            Backend::Aliyun(b) => Some(b.api().access()),
+            _ => None,
         }
     }
 
@@ -282,6 +305,7 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             Backend::Aws(b) => Some(b.cloud_status()),
+            Backend::Aliyun(b) => Some(b.cloud_status()),
         }
     }
 
@@ -290,6 +314,7 @@ impl Backend {
         match self {
             Backend::Local(_) => None,
             Backend::Aws(b) => b.volume_id(disk_id),
+            Backend::Aliyun(b) => b.volume_id(disk_id),
         }
     }
 
@@ -301,6 +326,7 @@ impl Backend {
                 blocking(move || b.open_volume(&id, size)).await
             }
             Backend::Aws(b) => b.open_volume(disk_id, size).await,
+            Backend::Aliyun(b) => b.open_volume(disk_id, size).await,
         }
     }
 
@@ -317,6 +343,7 @@ impl Backend {
                 blocking(move || b.begin_snapshot(&volume, &req)).await
             }
             Backend::Aws(b) => b.begin_snapshot(volume, req).await,
+            Backend::Aliyun(b) => b.begin_snapshot(volume, req).await,
         }
     }
 
@@ -328,6 +355,7 @@ impl Backend {
                 blocking(move || b.recover(&id)).await
             }
             Backend::Aws(b) => b.recover(disk_id).await,
+            Backend::Aliyun(b) => b.recover(disk_id).await,
         }
     }
 
@@ -342,6 +370,7 @@ impl Backend {
                 blocking(move || b.list_snapshots(id.as_deref())).await
             }
             Backend::Aws(b) => b.list_snapshots(disk_id).await,
+            Backend::Aliyun(b) => b.list_snapshots(disk_id).await,
         }
     }
 
@@ -354,6 +383,7 @@ impl Backend {
                 blocking(move || b.delete_snapshot(&s)).await
             }
             Backend::Aws(b) => b.delete_snapshot(info).await,
+            Backend::Aliyun(b) => b.delete_snapshot(info).await,
         }
     }
 
@@ -370,6 +400,7 @@ impl Backend {
                 blocking(move || b.launch(&snapshots, test)).await
             }
             Backend::Aws(b) => b.launch(snapshots, test).await,
+            Backend::Aliyun(b) => b.launch(snapshots, test).await,
         }
     }
 
@@ -381,6 +412,7 @@ impl Backend {
                 blocking(move || b.list_launches()).await
             }
             Backend::Aws(b) => b.list_launches().await,
+            Backend::Aliyun(b) => b.list_launches().await,
         }
     }
 
@@ -392,6 +424,7 @@ impl Backend {
                 blocking(move || b.release_volume(&id)).await
             }
             Backend::Aws(b) => b.release_volume(disk_id).await,
+            Backend::Aliyun(b) => b.release_volume(disk_id).await,
         }
     }
 
@@ -401,6 +434,7 @@ impl Backend {
         match self {
             Backend::Local(_) => true,
             Backend::Aws(b) => b.digest_available(snap),
+            Backend::Aliyun(b) => b.digest_available(snap),
         }
     }
 
@@ -410,6 +444,7 @@ impl Backend {
         match self {
             Backend::Local(_) => {}
             Backend::Aws(b) => b.shutdown(),
+            Backend::Aliyun(b) => b.shutdown(),
         }
     }
 
@@ -418,6 +453,7 @@ impl Backend {
         match self {
             Backend::Local(_) => "local",
             Backend::Aws(_) => "aws",
+            Backend::Aliyun(_) => "aliyun",
         }
     }
 
@@ -429,6 +465,7 @@ impl Backend {
                 blocking(move || b.snapshot_digest(&s)).await
             }
             Backend::Aws(b) => b.snapshot_digest(snap).await,
+            Backend::Aliyun(b) => b.snapshot_digest(snap).await,
         }
     }
 }

@@ -166,5 +166,6 @@ fn real_main(cli: Cli) -> Result<(), Failure> {
 
 fn init_logging(config: &Config) {
     let filter = std::env::var("SYNC_GATEWAY_LOG").unwrap_or_else(|_| config.log.level.clone());
-    sync_gateway::cli::init_logging(&filter, config.log.format == LogFormat::Json);
+    // The recent log is also kept in memory, for `collect_diagnostics` bundles.
+    sync_gateway::cli::init_logging_with_capture(&filter, config.log.format == LogFormat::Json);
 }

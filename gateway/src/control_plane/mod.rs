@@ -82,6 +82,7 @@ pub enum Endpoint {
     Cutover,
     Finalize,
     SetPolicy,
+    CollectDiagnostics,
     GetCommand,
     Status,
 }
@@ -209,6 +210,13 @@ pub const ROUTES: &[Route] = &[
         Auth::Operator,
         Endpoint::SetPolicy,
         "setPolicy",
+    ),
+    route(
+        "POST",
+        "/v1/gateways/{gateway_id}/diagnostics",
+        Auth::Operator,
+        Endpoint::CollectDiagnostics,
+        "collectDiagnostics",
     ),
     route(
         "GET",

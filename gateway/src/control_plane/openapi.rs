@@ -194,6 +194,11 @@ fn paths() -> Value {
             "operator", Security::Operator, vec![gw()], Some(("Policy", true)),
             ("202", "The command is queued.", Some("CommandRef")),
             &[UNAUTH, BAD, ("404", "No such gateway (`not_found`)."), TOO_LARGE]) },
+        "/v1/gateways/{gateway_id}/diagnostics": { "post": operation("collectDiagnostics",
+            "Have the gateway bundle its recent log, redacted config and state, versions and status into a .tar.gz and upload it to a presigned PUT URL or to its [diagnostics] OSS bucket; the result's output.diagnostics names the object.",
+            "operator", Security::Operator, vec![gw()], Some(("CollectDiagnostics", false)),
+            ("202", "The command is queued.", Some("CommandRef")),
+            &[UNAUTH, BAD, ("404", "No such gateway (`not_found`)."), TOO_LARGE]) },
         "/v1/commands/{command_id}": { "get": operation("getCommand",
             "A command and its result.", "operator", Security::Operator,
             vec![path_param("command_id", "The command.")], None,
@@ -256,7 +261,9 @@ fn schemas() -> Value {
         "CommandResult": object(&["command_id", "outcome", "finished_unix_ms"], json!({
             "command_id": STR(),
             "outcome": { "type": "string", "enum": ["succeeded", "failed"] },
-            "message": STR(), "output": ANY(), "finished_unix_ms": INT() })),
+            "message": STR(),
+            "output": { "description": "Kind-specific JSON: `{\"snapshot\": SnapshotSummary}` for snapshot_now, `{\"launch\": LaunchInfo}` for launches, `{\"diagnostics\": DiagnosticsBundle}` for collect_diagnostics, `{}` otherwise." },
+            "finished_unix_ms": INT() })),
         "StatusReport": object(&["gateway", "disks"], json!({
             "gateway": schema_ref("GatewayStatus"), "disks": array_of("DiskStatus"),
             "launches": array_of("LaunchInfo") })),
@@ -317,12 +324,20 @@ fn schemas() -> Value {
             "gateway_id": STR(), "disk_id": STR(), "size_bytes": INT(),
             "agent_key": { "type": "string", "pattern": "^[0-9a-f]{64}$" }, "command_id": STR() })),
         "LaunchRequest": object(&[], json!({ "snapshot_id": STR() })),
+        "CollectDiagnostics": object(&[], json!({
+            "upload_url": { "type": "string", "maxLength": api::MAX_UPLOAD_URL_LEN,
+                "description": "A presigned PUT URL (made without a Content-Type) the bundle is uploaded to; it names the object. Absent: the gateway's [diagnostics] oss_bucket and oss_prefix. Shown without its query." },
+            "key_prefix": { "type": "string", "maxLength": api::MAX_KEY_PREFIX_LEN,
+                "description": "Key prefix in the configured bucket instead of [diagnostics] oss_prefix; not with upload_url." } })),
+        "DiagnosticsBundle": object(&["object_key", "url", "file_name", "size_bytes", "sha256"], json!({
+            "object_key": STR(), "bucket": STR(), "url": STR(), "file_name": STR(),
+            "size_bytes": INT(), "sha256": { "type": "string", "pattern": "^[0-9a-f]{64}$" } })),
         "CommandRef": object(&["command_id", "gateway_id", "kind"], json!({
             "command_id": STR(), "gateway_id": STR(), "kind": STR() })),
         "CommandState": { "type": "string", "enum": ["queued", "delivered", "succeeded", "failed"] },
         "CommandView": object(&["command_id", "gateway_id", "kind", "args", "state", "issued_unix_ms", "deliveries"], json!({
             "command_id": STR(), "gateway_id": STR(), "kind": STR(),
-            "args": { "description": "Kind-specific JSON; agent keys are redacted." },
+            "args": { "description": "Kind-specific JSON; agent keys are redacted, upload URLs shown without their query." },
             "state": schema_ref("CommandState"), "issued_unix_ms": INT(), "deliveries": INT(),
             "result": schema_ref("CommandResult") })),
         "GatewayView": object(&["gateway_id", "hostname", "registered_unix_ms", "last_seen_unix_ms", "online"], json!({

@@ -234,6 +234,39 @@ fn the_api_types_match_their_schemas() {
         },
     );
     check_named(&doc, "Policy", Policy::default());
+    check_named(&doc, "CollectDiagnostics", CollectDiagnostics::default());
+    check_named(
+        &doc,
+        "CollectDiagnostics",
+        CollectDiagnostics {
+            upload_url: None,
+            key_prefix: Some("case-1/".into()),
+        },
+    );
+    check_named(
+        &doc,
+        "DiagnosticsBundle",
+        DiagnosticsBundle {
+            object_key: "sync-gateway/diagnostics/diagnostics-gw-1-20250101T000000Z.tar.gz".into(),
+            bucket: Some("b".into()),
+            url: "https://b.oss-cn-hangzhou.aliyuncs.com/k".into(),
+            file_name: "diagnostics-gw-1-20250101T000000Z.tar.gz".into(),
+            size_bytes: 10,
+            sha256: "ab".repeat(32),
+        },
+    );
+    let diag = Action::CollectDiagnostics(CollectDiagnostics {
+        upload_url: Some("http://127.0.0.1:9/b/k?x-oss-signature=s".into()),
+        key_prefix: None,
+    })
+    .to_command("cmd-2".into(), 1);
+    assert!(
+        doc["components"]["schemas"]["Command"]["properties"]["kind"]["description"]
+            .as_str()
+            .unwrap()
+            .contains(kinds::COLLECT_DIAGNOSTICS)
+    );
+    check_named(&doc, "Command", &diag);
     check_named(
         &doc,
         "BootstrapToken",

@@ -15,8 +15,8 @@ use super::state;
 use super::store::Store;
 use super::{match_route, openapi, Auth, Endpoint, RouteMiss};
 use crate::api::{
-    self, Action, AssignRequest, CommandBatch, CommandResult, DiskRef, LaunchRequest, Policy,
-    RegisterRequest, RegisterResponse, StatusReport,
+    self, Action, AssignRequest, CollectDiagnostics, CommandBatch, CommandResult, DiskRef,
+    LaunchRequest, Policy, RegisterRequest, RegisterResponse, StatusReport,
 };
 
 /// The console page.
@@ -151,6 +151,7 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> Result<Resp, ApiError> {
             queue_for_disk(app, param(0), action).await
         }
         Endpoint::SetPolicy => set_policy(app, param(0), &body).await,
+        Endpoint::CollectDiagnostics => collect_diagnostics(app, param(0), &body).await,
         Endpoint::GetCommand => {
             let view = app.store.read(|s| s.command(param(0)))?;
             Ok(http::json(StatusCode::OK, &view))
@@ -356,6 +357,20 @@ async fn queue_for_disk(app: &App, disk_id: &str, action: Action) -> Result<Resp
         .await?;
     app.store.wake(&reference.gateway_id);
     info!(%disk_id, kind = %reference.kind, command_id = %reference.command_id, "command queued");
+    Ok(http::json(StatusCode::ACCEPTED, &reference))
+}
+
+async fn collect_diagnostics(app: &App, gateway_id: &str, body: &[u8]) -> Result<Resp, ApiError> {
+    let req: CollectDiagnostics = http::parse_optional(body, "diagnostics request")?;
+    req.validate().map_err(ApiError::bad_request)?;
+    let now = now_ms();
+    let action = Action::CollectDiagnostics(req);
+    let reference = app
+        .store
+        .update(|s| s.queue(gateway_id, &action, now).map(|r| (r, true)))
+        .await?;
+    app.store.wake(gateway_id);
+    info!(%gateway_id, command_id = %reference.command_id, "diagnostics queued");
     Ok(http::json(StatusCode::ACCEPTED, &reference))
 }
 

@@ -129,12 +129,10 @@ impl CommandRecord {
         }
     }
 
-    /// The operator's view; agent keys are redacted.
+    /// The operator's view; agent keys are redacted, URLs shown without their query (a
+    /// presigned URL's signature and STS token).
     pub fn view(&self) -> CommandView {
-        let mut args = self.command.args.clone();
-        if let Some(key) = args.get_mut("agent_key") {
-            *key = serde_json::Value::String(REDACTED.into());
-        }
+        let args = api::redact_command_args(&self.command.args);
         CommandView {
             command_id: self.command.id.clone(),
             gateway_id: self.gateway_id.clone(),

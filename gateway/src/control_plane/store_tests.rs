@@ -202,6 +202,31 @@ fn assignment_rules_and_key_redaction() {
     let status = serde_json::to_string(&s.status(T0, 15_000)).unwrap();
     assert!(!status.contains(&rotated.agent_key));
 
+    // A presigned upload URL reaches the gateway whole; views show it without its query.
+    let url = "http://127.0.0.1:9/b/k.tar.gz?x-oss-security-token=STS-TOKEN-1&x-oss-signature=S1";
+    let diag = Action::CollectDiagnostics(crate::api::CollectDiagnostics {
+        upload_url: Some(url.into()),
+        key_prefix: None,
+    });
+    let r = s.queue(&gw, &diag, T0).unwrap();
+    let delivered = s.poll(&gw, T0, LEASE).unwrap();
+    let cmd = delivered
+        .commands
+        .iter()
+        .find(|c| c.id == r.command_id)
+        .unwrap();
+    assert_eq!(cmd.args["upload_url"], url);
+    let view = s.command(&r.command_id).unwrap();
+    assert_eq!(
+        view.args["upload_url"],
+        "http://127.0.0.1:9/b/k.tar.gz?<redacted>"
+    );
+    let status = serde_json::to_string(&s.status(T0, 15_000)).unwrap();
+    assert!(
+        !status.contains("STS-TOKEN-1") && !status.contains("S1\""),
+        "{status}"
+    );
+
     assert!(matches!(
         s.queue_for_disk("nope", &snapshot_now("nope"), T0),
         Err(StoreError::NotFound { .. })

@@ -336,7 +336,7 @@ pub async fn run_with_control(
         let status = crate::upward::StatusSource::new(control.clone(), local.port());
         tokio::spawn(crate::upward::run(
             cp,
-            config.data_dir.clone(),
+            Arc::new(config.clone()),
             control.clone(),
             status,
             cancel.clone(),

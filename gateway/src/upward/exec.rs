@@ -1,22 +1,55 @@
 //! Carries out one command from the control plane and says how it went.
 
 use crate::api::{Action, Command, CommandOutcome, CommandResult, SnapshotSummary};
+use crate::diagnostics::Collector;
 use crate::server::control::parse_agent_key;
 use crate::server::disk::unix_ms;
 use crate::server::Control;
 
+/// What commands act on.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub control: &'a Control,
+    /// Builds and uploads `collect_diagnostics` bundles.
+    pub diagnostics: &'a Collector,
+    /// The gateway's id at its control plane (names diagnostics bundles).
+    pub gateway_id: &'a str,
+}
+
 /// Whether carrying out `kind` again after a stop that cut it short ends in the same state
 /// as once. Those are repeated; the others (a launch or snapshot would be made twice) are
-/// reported failed so the operator decides.
+/// reported failed so the operator decides. A diagnostics bundle cut short is simply made
+/// again (a new one, under a new name).
 pub fn safe_to_repeat(kind: &str) -> bool {
     use crate::api::kinds::*;
-    matches!(kind, ASSIGN_DISK | REVOKE_AGENT | SET_POLICY | FINALIZE)
+    matches!(
+        kind,
+        ASSIGN_DISK | REVOKE_AGENT | SET_POLICY | FINALIZE | COLLECT_DIAGNOSTICS
+    )
 }
 
 /// Carries out `cmd`. Never panics on bad args; the result says what went wrong.
-pub async fn execute(control: &Control, cmd: &Command) -> CommandResult {
+pub async fn execute(ctx: &Context<'_>, cmd: &Command) -> CommandResult {
     let outcome = match Action::parse(cmd) {
-        Ok(action) => run(control, &cmd.id, action).await,
+        Ok(Action::CollectDiagnostics(args)) => ctx
+            .diagnostics
+            .collect(ctx.gateway_id, &cmd.id, &args)
+            .await
+            .map(|b| {
+                let place = match &b.bucket {
+                    Some(bucket) => format!("oss://{bucket}/{}", b.object_key),
+                    None => b.url.clone(),
+                };
+                (
+                    format!(
+                        "diagnostics bundle {} uploaded to {place} ({} bytes, sha256 {})",
+                        b.file_name, b.size_bytes, b.sha256
+                    ),
+                    serde_json::json!({ "diagnostics": b }),
+                )
+            })
+            .map_err(|e| crate::cli::error_chain(&e)),
+        Ok(action) => run(ctx.control, &cmd.id, action).await,
         Err(e) => Err(e),
     };
     let (outcome, message, output) = match outcome {
@@ -138,6 +171,9 @@ async fn run(
                 format!("disk {} finalized: staging volume released", d.disk_id),
                 serde_json::json!({}),
             ))
+        }
+        Action::CollectDiagnostics(_) => {
+            Err("collect_diagnostics is carried out by execute".into())
         }
     }
 }

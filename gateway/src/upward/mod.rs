@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, Command, CommandBatch, RegisterRequest, RegisterResponse};
-use crate::config::ControlPlaneConfig;
+use crate::config::{Config, ControlPlaneConfig};
+use crate::diagnostics::Collector;
 use crate::durable;
 use crate::http_client::{HttpError, JsonClient};
 use crate::server::disk::unix_ms;
@@ -109,6 +110,7 @@ struct Upward {
     data_dir: PathBuf,
     control: Control,
     status: Arc<StatusSource>,
+    diagnostics: Collector,
     reg: RwLock<Registration>,
     journal: Mutex<Journal>,
     results_ready: Notify,
@@ -116,14 +118,15 @@ struct Upward {
 }
 
 /// Runs the upward channel until `cancel` fires. Failures are logged and retried; nothing here
-/// stops replication.
+/// stops replication. `config` is the gateway's effective config (for diagnostics bundles).
 pub async fn run(
     cp: ControlPlaneConfig,
-    data_dir: PathBuf,
+    config: Arc<Config>,
     control: Control,
     status: Arc<StatusSource>,
     cancel: CancellationToken,
 ) {
+    let data_dir = config.data_dir.clone();
     let client = match JsonClient::new(&cp.url, cp.ca_file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -143,12 +146,14 @@ pub async fn run(
         return;
     };
     info!(gateway_id = %reg.gateway_id, url = %cp.url, "control plane: registered");
+    let diagnostics = Collector::new(config, control.clone(), status.clone());
     let up = Arc::new(Upward {
         client,
         cp,
         data_dir,
         control,
         status,
+        diagnostics,
         reg: RwLock::new(reg),
         journal: Mutex::new(journal),
         results_ready: Notify::new(),
@@ -405,16 +410,24 @@ fn dispatch(
     workers: &mut HashMap<String, mpsc::UnboundedSender<Command>>,
     cmd: Command,
 ) {
-    let key = api::Action::parse(&cmd)
-        .ok()
-        .and_then(|a| a.disk_id().map(str::to_string))
-        .unwrap_or_else(|| "*".to_string());
+    // Diagnostics have their own worker: a slow upload never holds up a policy change.
+    let key = match api::Action::parse(&cmd) {
+        Ok(api::Action::CollectDiagnostics(_)) => "*diagnostics".to_string(),
+        Ok(a) => a.disk_id().unwrap_or("*").to_string(),
+        Err(_) => "*".to_string(),
+    };
     let tx = workers.entry(key).or_insert_with(|| {
         let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
         let up = up.clone();
         tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
-                let result = exec::execute(&up.control, &cmd).await;
+                let gateway_id = up.reg.read().await.gateway_id.clone();
+                let ctx = exec::Context {
+                    control: &up.control,
+                    diagnostics: &up.diagnostics,
+                    gateway_id: &gateway_id,
+                };
+                let result = exec::execute(&ctx, &cmd).await;
                 finish(&up, result);
             }
         });

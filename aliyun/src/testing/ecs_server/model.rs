@@ -4,16 +4,23 @@
 //! disk      Creating ──▶ Available ──AttachDisk──▶ Attaching ──▶ In_use
 //!                         ▲                                        │
 //!                         └──────────── Detaching ◀──DetachDisk────┘
-//! snapshot  progressing (Progress 0→100 %) ──▶ accomplished
-//! image     Creating ──▶ Available              (CreateImage, ImportImage)
+//! snapshot  progressing (Progress 0→100 %) ──▶ accomplished   (or failed, on demand)
+//! image     Creating ──▶ Available              (CreateImage)
+//!           Waiting ──▶ Creating ──▶ Available  (ImportImage; or CreateFailed, on demand)
 //! instance  Pending  ──▶ Running                (RunInstances)
 //! ```
 //!
 //! Each arrow without an action is taken `transition` after the call that started it.
+//!
+//! With a device directory set, the server also plays udev in the gateway's guest: a disk
+//! that reaches `In_use` appears as `DIR/virtio-SERIAL` (a symlink to a sparse file of the
+//! disk's size under `DIR/.disks`, so data survives detach and attach), the link goes at
+//! detach and the file at DeleteDisk.
 //! Creates honour `ClientToken`: the same token for the same action answers the first
 //! answer again and creates nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -118,6 +125,8 @@ struct Snapshot {
     started: Instant,
     tags: Vec<(String, String)>,
     created: String,
+    /// Ends `failed` instead of `accomplished` (injected).
+    failed: bool,
 }
 
 #[derive(Debug)]
@@ -130,6 +139,9 @@ struct Image {
     mappings: Vec<(String, String)>,
     tags: Vec<(String, String)>,
     created: String,
+    /// ImportImage's source (`Format`, `ImportOSSBucket`, `ImportOSSObject`), as
+    /// DescribeImages shows it in the system disk's mapping.
+    import: Option<Value>,
 }
 
 #[derive(Debug)]
@@ -159,6 +171,12 @@ pub(super) struct State {
     pub nonces: HashMap<String, time::OffsetDateTime>,
     pub clock_offset: time::Duration,
     pub requests: Vec<RecordedRequest>,
+    /// Where attached disks appear as `virtio-SERIAL` (udev's `/dev/disk/by-id`).
+    pub device_dir: Option<PathBuf>,
+    /// The next this many snapshots fail.
+    pub fail_snapshots: u32,
+    /// The next this many imports end `CreateFailed`.
+    pub fail_imports: u32,
 }
 
 type P = BTreeMap<String, String>;
@@ -261,6 +279,9 @@ impl State {
             nonces: HashMap::new(),
             clock_offset: time::Duration::ZERO,
             requests: Vec::new(),
+            device_dir: None,
+            fail_snapshots: 0,
+            fail_imports: 0,
         }
     }
 
@@ -281,6 +302,13 @@ impl State {
                     d.instance = None;
                     d.device = None;
                 }
+                if let Some(dir) = &self.device_dir {
+                    match p.target {
+                        "In_use" => plug(dir, &d.id, d.size),
+                        "Available" => unplug(dir, &d.id, false),
+                        _ => {}
+                    }
+                }
             }
         }
         for i in self.images.values_mut() {
@@ -292,6 +320,14 @@ impl State {
             if let Some(p) = i.pending.take_if(|p| p.at <= now) {
                 i.status = p.target;
             }
+        }
+    }
+
+    fn snapshot_status(&self, s: &Snapshot) -> &'static str {
+        match (self.snapshot_progress(s) >= 100, s.failed) {
+            (false, _) => "progressing",
+            (true, false) => "accomplished",
+            (true, true) => "failed",
         }
     }
 
@@ -324,15 +360,7 @@ impl State {
             return Some(d.status.to_string());
         }
         if let Some(s) = self.snapshots.get(id) {
-            let p = self.snapshot_progress(s);
-            return Some(
-                if p >= 100 {
-                    "accomplished"
-                } else {
-                    "progressing"
-                }
-                .to_string(),
-            );
+            return Some(self.snapshot_status(s).to_string());
         }
         if let Some(i) = self.images.get(id) {
             return Some(i.status.to_string());
@@ -558,6 +586,9 @@ impl State {
             ));
         }
         self.disks.remove(&disk_id);
+        if let Some(dir) = &self.device_dir {
+            unplug(dir, &disk_id, true);
+        }
         Ok(Reply::ok(json!({})))
     }
 
@@ -573,6 +604,8 @@ impl State {
         }
         let size = disk.size;
         let id = new_id("s");
+        let failed = self.fail_snapshots > 0;
+        self.fail_snapshots = self.fail_snapshots.saturating_sub(1);
         self.snapshots.insert(
             id.clone(),
             Snapshot {
@@ -583,6 +616,7 @@ impl State {
                 started: Instant::now(),
                 tags: tags_of(p),
                 created: now_text(),
+                failed,
             },
         );
         Ok(Reply::ok(json!({"SnapshotId": id})))
@@ -600,11 +634,7 @@ impl State {
             .filter(|s| matches_tags(&s.tags, &tags))
             .filter_map(|s| {
                 let progress = self.snapshot_progress(s);
-                let st = if progress >= 100 {
-                    "accomplished"
-                } else {
-                    "progressing"
-                };
+                let st = self.snapshot_status(s);
                 if status.is_some_and(|want| want != st) {
                     return None;
                 }
@@ -657,7 +687,7 @@ impl State {
                     "The specified snapshot does not exist.",
                 )
             })?;
-            if self.snapshot_progress(s) < 100 {
+            if self.snapshot_status(s) != "accomplished" {
                 return Err(Reply::error(
                     403,
                     "InvalidSnapshotId.NotReady",
@@ -676,11 +706,66 @@ impl State {
         Ok(self.new_image(p, mappings))
     }
 
+    /// `ImportImage`, checked as ECS checks before it queues the import task (the codes of
+    /// the API reference): a name that is malformed or already used, a format other than
+    /// `RAW`, `VHD`, `QCOW2`. The image then waits in `Waiting`, shows `Creating` for the
+    /// second half of `transition`, and ends `Available` — or `CreateFailed`, for each
+    /// failure queued with `EcsServer::fail_next_imports` (ECS tells no reason in
+    /// DescribeImages either). The OSS object
+    /// is not read: the server has no OSS to look in.
     fn import_image(&mut self, p: &P) -> Result<Reply, Reply> {
         need(p, "RegionId")?;
-        need(p, "DiskDeviceMapping.1.OSSBucket")?;
-        need(p, "DiskDeviceMapping.1.OSSObject")?;
-        Ok(self.new_image(p, Vec::new()))
+        let bucket = need(p, "DiskDeviceMapping.1.OSSBucket")?.to_string();
+        let object = need(p, "DiskDeviceMapping.1.OSSObject")?.to_string();
+        let format = p.get("DiskDeviceMapping.1.Format").cloned();
+        if format
+            .as_deref()
+            .is_some_and(|f| !["RAW", "VHD", "QCOW2"].contains(&f))
+        {
+            return Err(Reply::error(
+                400,
+                "InvalidImageFormat.Malformed",
+                "The specified Image Format is wrongly formed.",
+            ));
+        }
+        if let Some(name) = p.get("ImageName") {
+            let mut chars = name.chars();
+            let well_formed = (2..=128).contains(&name.chars().count())
+                && chars.next().is_some_and(|c| c.is_alphabetic())
+                && chars.all(|c| c.is_alphanumeric() || ".:_-".contains(c))
+                && !name.starts_with("http:")
+                && !name.starts_with("https:");
+            if !well_formed {
+                return Err(Reply::error(
+                    400,
+                    "InvalidImageName.Malformed",
+                    "The specified Image name is wrongly formed.",
+                ));
+            }
+            if self.images.values().any(|i| i.name == *name) {
+                return Err(Reply::error(
+                    400,
+                    "InvalidImageName.Duplicated",
+                    "The specified Image name has already been used.",
+                ));
+            }
+        }
+        let fails = self.fail_imports > 0;
+        self.fail_imports = self.fail_imports.saturating_sub(1);
+        let reply = self.new_image(p, Vec::new());
+        let id = reply.body["ImageId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let pending = self.later(if fails { "CreateFailed" } else { "Available" });
+        if let Some(image) = self.images.get_mut(&id) {
+            image.status = "Waiting";
+            image.pending = pending;
+            image.import = Some(
+                json!({"Format": format, "ImportOSSBucket": bucket, "ImportOSSObject": object}),
+            );
+        }
+        Ok(reply)
     }
 
     fn new_image(&mut self, p: &P, mappings: Vec<(String, String)>) -> Reply {
@@ -694,6 +779,7 @@ impl State {
             mappings,
             tags: tags_of(p),
             created: now_text(),
+            import: None,
         };
         self.images.insert(id.clone(), image);
         Reply::ok(json!({"ImageId": id, "TaskId": new_id("t"), "RegionId": self.region}))
@@ -708,26 +794,50 @@ impl State {
             .get("Status")
             .map_or(vec!["Available"], |s| s.split(',').collect());
         let tags = tags_of(p);
+        let now = Instant::now();
+        let transition = self.transition.as_secs_f64().max(1e-9);
         let items = self
             .images
             .values()
             .filter(|i| ids.is_empty() || ids.contains(&i.id.as_str()))
-            .filter(|i| states.contains(&i.status))
-            .filter(|i| matches_tags(&i.tags, &tags))
-            .map(|i| {
-                let progress = if i.status == "Available" {
-                    "100%"
-                } else {
-                    "50%"
+            .filter_map(|i| {
+                // How far the pending transition has come, 0.0 ..= 1.0.
+                let done = i.pending.as_ref().map_or(1.0, |t| {
+                    1.0 - t.at.saturating_duration_since(now).as_secs_f64() / transition
+                });
+                // An import waits in the queue for the first half, then is converted.
+                let (status, progress) = match i.status {
+                    "Available" => ("Available", 100),
+                    "Waiting" if done < 0.5 => ("Waiting", 0),
+                    "Waiting" => ("Creating", ((done - 0.5) * 200.0).clamp(0.0, 99.0) as u32),
+                    "CreateFailed" => ("CreateFailed", 0),
+                    other => (other, 50),
                 };
-                json!({
-                    "ImageId": i.id, "ImageName": i.name, "Status": i.status,
-                    "Progress": progress, "BootMode": i.boot_mode, "ImageOwnerAlias": "self",
-                    "DiskDeviceMappings": {"DiskDeviceMapping": i.mappings.iter()
+                if !states.contains(&status) || !matches_tags(&i.tags, &tags) {
+                    return None;
+                }
+                let mappings: Vec<Value> = match &i.import {
+                    // An imported image has its system disk, as ECS shows it, with the source.
+                    Some(src) => {
+                        let mut m = src.clone();
+                        m["Device"] = json!("/dev/xvda");
+                        m["SnapshotId"] = json!("");
+                        m["Progress"] = json!(format!("{progress}%"));
+                        vec![m]
+                    }
+                    None => i
+                        .mappings
+                        .iter()
                         .map(|(s, d)| json!({"SnapshotId": s, "Device": d}))
-                        .collect::<Vec<_>>()},
+                        .collect(),
+                };
+                Some(json!({
+                    "ImageId": i.id, "ImageName": i.name, "Status": status,
+                    "Progress": format!("{progress}%"), "BootMode": i.boot_mode,
+                    "ImageOwnerAlias": "self",
+                    "DiskDeviceMappings": {"DiskDeviceMapping": mappings},
                     "Tags": tags_json(&i.tags), "CreationTime": i.created,
-                })
+                }))
             })
             .collect();
         page(p, items, "Images", "Image")
@@ -794,5 +904,37 @@ impl State {
             })
             .collect();
         page(p, items, "Instances", "Instance")
+    }
+}
+
+/// udev's part: `dir/virtio-SERIAL` → `dir/.disks/ID.img`, sparse, `size_gib` GiB.
+fn plug(dir: &Path, disk_id: &str, size_gib: u64) {
+    let store = dir.join(".disks");
+    let file = store.join(format!("{disk_id}.img"));
+    let link = dir.join(format!("virtio-{}", disk_id.trim_start_matches("d-")));
+    let made = std::fs::create_dir_all(&store).and_then(|()| {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&file)?;
+        if f.metadata()?.len() < size_gib << 30 {
+            f.set_len(size_gib << 30)?;
+        }
+        match std::os::unix::fs::symlink(&file, &link) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    });
+    if let Err(e) = made {
+        tracing::warn!(disk = disk_id, error = %e, "local ECS server: cannot plug the disk's device");
+    }
+}
+
+/// Removes the by-id link of a detached disk, and its content when it is deleted.
+fn unplug(dir: &Path, disk_id: &str, delete: bool) {
+    let _ = std::fs::remove_file(dir.join(format!("virtio-{}", disk_id.trim_start_matches("d-"))));
+    if delete {
+        let _ = std::fs::remove_file(dir.join(".disks").join(format!("{disk_id}.img")));
     }
 }

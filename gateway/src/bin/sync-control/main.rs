@@ -18,8 +18,8 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sync_gateway::api::{
-    self, AssignRequest, AssignResponse, BootstrapToken, CommandRef, CommandState, CommandView,
-    ControlStatus, LaunchRequest, Policy,
+    self, AssignRequest, AssignResponse, BootstrapToken, CollectDiagnostics, CommandRef,
+    CommandState, CommandView, ControlStatus, DiagnosticsBundle, LaunchRequest, Policy,
 };
 use sync_gateway::control_plane::{self, ServeConfig, Settings, TlsFiles};
 use sync_gateway::http_client::{HttpError, JsonClient};
@@ -94,6 +94,22 @@ enum Cmd {
     Finalize {
         #[arg(long)]
         disk_id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Have a gateway bundle its recent log, redacted config and state, versions and status
+    /// and upload it; prints the command with its result, then the object key on stderr.
+    CollectDiagnostics {
+        #[arg(long)]
+        gateway: String,
+        /// A presigned PUT URL for the bundle (made without a Content-Type); `-` reads it from
+        /// stdin, which keeps its signature out of the process list. Default: the gateway's
+        /// [diagnostics] OSS bucket.
+        #[arg(long)]
+        upload_url: Option<String>,
+        /// Key prefix in the gateway's bucket instead of its [diagnostics] oss_prefix.
+        #[arg(long, conflicts_with = "upload_url")]
+        key_prefix: Option<String>,
         #[command(flatten)]
         wait: WaitArgs,
     },
@@ -386,9 +402,22 @@ impl Operator {
         body: Option<&B>,
         wait: WaitArgs,
     ) -> Result<(), CliError> {
+        self.queue_and_wait_view(method, path, body, wait)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Operator::queue_and_wait`], answering the finished command (`None` with `--no-wait`).
+    async fn queue_and_wait_view<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        wait: WaitArgs,
+    ) -> Result<Option<CommandView>, CliError> {
         let queued: CommandRef = self.call(method, path, body).await?;
         if wait.no_wait {
-            return print_json(&queued);
+            return print_json(&queued).map(|()| None);
         }
         let started = Instant::now();
         let view = loop {
@@ -416,7 +445,7 @@ impl Operator {
                 kind: view.kind,
             });
         }
-        Ok(())
+        Ok(Some(view))
     }
 }
 
@@ -547,6 +576,47 @@ async fn run_client(op: &Operator, cmd: Cmd) -> Result<(), CliError> {
         Cmd::Finalize { disk_id, wait } => {
             let path = format!("/v1/disks/{disk_id}/finalize");
             op.queue_and_wait(Method::POST, &path, none, wait).await
+        }
+        Cmd::CollectDiagnostics {
+            gateway,
+            upload_url,
+            key_prefix,
+            wait,
+        } => {
+            let upload_url = match upload_url.as_deref() {
+                Some("-") => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map_err(|e| {
+                        CliError::Usage(format!("cannot read the URL from stdin: {e}"))
+                    })?;
+                    Some(line.trim().to_string())
+                }
+                _ => upload_url,
+            };
+            let body = CollectDiagnostics {
+                upload_url,
+                key_prefix,
+            };
+            body.validate().map_err(CliError::Usage)?;
+            let path = format!("/v1/gateways/{gateway}/diagnostics");
+            let view = op
+                .queue_and_wait_view(Method::POST, &path, Some(&body), wait)
+                .await?;
+            let bundle = view
+                .and_then(|v| v.result)
+                .and_then(|r| r.output.get("diagnostics").cloned())
+                .and_then(|d| serde_json::from_value::<DiagnosticsBundle>(d).ok());
+            if let Some(b) = bundle {
+                let place = match &b.bucket {
+                    Some(bucket) => format!("oss://{bucket}/{}", b.object_key),
+                    None => b.object_key.clone(),
+                };
+                eprintln!(
+                    "diagnostics bundle: {place} ({} bytes, sha256 {})",
+                    b.size_bytes, b.sha256
+                );
+            }
+            Ok(())
         }
         Cmd::Command(CommandCmd::Show { id }) => {
             let view: CommandView = op.get(&format!("/v1/commands/{id}")).await?;
