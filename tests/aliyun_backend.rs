@@ -294,3 +294,125 @@ async fn too_many_configured_tags_are_refused_at_start() {
         .to_string();
     assert!(err.contains("tags"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_retake_never_stands_for_its_checkpoint() {
+    // A snapshot tagged as the retake of another that this gateway never recorded as checked
+    // (it stopped between taking and checking it): it may hold later data.
+    let cloud = Cloud::start().await;
+    let b = cloud.backend(cloud.settings()).await;
+    b.open_volume("d1", 8 * MIB).await.unwrap();
+    let disk = b.volume_id("d1").unwrap();
+    let mut create = sync_aliyun::ecs::CreateSnapshot::new(&disk);
+    create.tags = [
+        ("sync-gateway:managed", "true"),
+        ("sync-gateway:gateway", cloud.config.instance_id.as_str()),
+        ("sync-gateway:disk", "d1"),
+        ("sync-gateway:checkpoint", "pass 1"),
+        ("sync-gateway:checkpoint-seq", "1"),
+        ("sync-gateway:replaces", "s-original"),
+    ]
+    .into_iter()
+    .map(|(k, v)| Tag::new(k, v))
+    .collect();
+    let id = cloud.operator().create_snapshot(&create).await.unwrap();
+    cloud.wait_status(&id, "accomplished").await;
+    let listed = b.list_snapshots(Some("d1")).await.unwrap();
+    let s = listed.iter().find(|s| s.id == id).unwrap();
+    assert!(!s.stands_for("s-original"), "{s:?}");
+    assert_eq!(
+        s.state,
+        SnapshotState::Failed,
+        "never used, pruned like a failed one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_record_adopts_the_disk_and_a_corrupt_one_stops_the_start() {
+    let cloud = Cloud::start().await;
+    let b = cloud.backend(cloud.settings()).await;
+    let volume = b.open_volume("d1", 8 * MIB).await.unwrap();
+    write(&volume, 7);
+    let id = b.volume_id("d1").unwrap();
+    drop((b, volume));
+    let record = cloud.data_dir().join("aliyun/volumes.json");
+
+    // Garbage in the record: the gateway does not start rather than guess.
+    std::fs::write(&record, b"{ not json").unwrap();
+    let err = AliyunBackend::open(cloud.settings(), &cloud.data_dir())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("volumes.json"), "{err}");
+
+    // No record at all: the disk's volume is found by its tags, never replaced by a new one.
+    std::fs::remove_file(&record).unwrap();
+    let b = cloud.backend(cloud.settings()).await;
+    let volume = b.open_volume("d1", 8 * MIB).await.unwrap();
+    assert_eq!(b.volume_id("d1").as_deref(), Some(id.as_str()));
+    assert_eq!(cloud.ecs.requests_of("CreateDisk").len(), 1);
+    let mut byte = [0u8; 1];
+    volume.read_at(&mut byte, 0).unwrap();
+    assert_eq!(byte[0], 7, "the data is the disk's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_leaves_a_disk_another_instance_holds() {
+    let cloud = Cloud::start().await;
+    cloud
+        .ecs
+        .add_instance("i-someoneelse000000", &cloud.config.zone_id);
+    let ecs = cloud.operator();
+    let id = ecs
+        .create_disk(&CreateDisk::new(&cloud.config.zone_id, 20))
+        .await
+        .unwrap();
+    cloud.wait_status(&id, "Available").await;
+    ecs.attach_disk("i-someoneelse000000", &id).await.unwrap();
+    cloud.wait_status(&id, "In_use").await;
+    cloud.record("d1", "tok-2", Some(&id));
+    let b = cloud.backend(cloud.settings()).await;
+    let err = b.release_volume("d1").await.unwrap_err().to_string();
+    assert!(err.contains("i-someoneelse000000"), "{err}");
+    assert_eq!(cloud.ecs.status_of(&id).as_deref(), Some("In_use"));
+    assert!(cloud.ecs.requests_of("DetachDisk").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_per_snapshot_set_and_a_failed_one_is_made_again() {
+    let cloud = Cloud::start().await;
+    let settings = AliyunSettings {
+        security_group_id: Some("sg-1".into()),
+        ..cloud.settings()
+    };
+    let b = cloud.backend(settings).await;
+    let mut snaps = Vec::new();
+    for disk in ["boot", "data"] {
+        let volume = Arc::new(b.open_volume(disk, 8 * MIB).await.unwrap());
+        write(&volume, 9);
+        let s = b.begin_snapshot(volume, request(disk, 1)).await.unwrap();
+        snaps.push(wait(&s).await.unwrap());
+    }
+    // The first image ECS fails: the launch fails and says so; the next makes a new one.
+    cloud.ecs.fail_next_images(1);
+    let err = b.launch(vec![snaps[0].clone()], true).await.unwrap_err();
+    assert!(err.to_string().contains("could not be created"), "{err}");
+    let one = b.launch(vec![snaps[0].clone()], true).await.unwrap();
+    let both = b.launch(snaps.clone(), true).await.unwrap();
+    assert_ne!(
+        one.image_id, both.image_id,
+        "another data disk, another image"
+    );
+    let images = cloud.ecs.requests_of("CreateImage");
+    assert_eq!(images.len(), 3, "failed, single disk, two disks");
+    let p = |i: usize, k: &str| images[i].params.get(k).cloned().unwrap_or_default();
+    assert_ne!(
+        p(0, "ImageName"),
+        p(1, "ImageName"),
+        "a new name after a failure"
+    );
+    assert_eq!(p(2, "DiskDeviceMapping.1.DiskType"), "system");
+    assert_eq!(p(2, "DiskDeviceMapping.2.DiskType"), "data");
+    assert_eq!(p(2, "DiskDeviceMapping.2.Device"), "/dev/xvdb");
+    assert_eq!(p(2, "DiskDeviceMapping.2.SnapshotId"), snaps[1].id);
+}

@@ -87,8 +87,8 @@ def cases():
         boot_mode="UEFI",
         client_token="img~1",
         disk_device_mapping=[
-            ecs.CreateImageRequestDiskDeviceMapping(snapshot_id="s-root", device="/dev/xvda"),
-            ecs.CreateImageRequestDiskDeviceMapping(snapshot_id="s-data", device="/dev/xvdb"),
+            ecs.CreateImageRequestDiskDeviceMapping(snapshot_id="s-root", device="/dev/xvda", disk_type="system"),
+            ecs.CreateImageRequestDiskDeviceMapping(snapshot_id="s-data", device="/dev/xvdb", disk_type="data"),
         ],
     )
     yield "import-image-oss", STATIC, "import_image_with_options", ecs.ImportImageRequest(

@@ -180,53 +180,6 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// The volume (rounded up to GiB) starts with the source's bytes.
-fn assert_volume_holds(volume: &Path, src: &Path, what: &str) {
-    let want = std::fs::read(src).unwrap();
-    let f = std::fs::File::open(volume).unwrap();
-    let mut got = vec![0u8; want.len()];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 0).unwrap();
-    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: {} differs from {} at byte {at}",
-            volume.display(),
-            src.display()
-        );
-    }
-}
-
-/// The actions `aws/iam-policy.json` allows (it must also be the policy the README shows).
-fn iam_policy_actions() -> std::collections::BTreeSet<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("aws/iam-policy.json")).unwrap();
-    let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let shown = readme
-        .split("```json\n")
-        .filter_map(|part| part.split("\n```").next())
-        .filter_map(|block| serde_json::from_str::<serde_json::Value>(block).ok())
-        .find(|v| v.get("Statement").is_some() && v["Version"] == "2012-10-17")
-        .expect("README.md shows the IAM policy in a json block");
-    assert_eq!(
-        shown, policy,
-        "README.md's IAM policy differs from aws/iam-policy.json"
-    );
-    let mut out = std::collections::BTreeSet::new();
-    for st in policy["Statement"].as_array().unwrap() {
-        assert_eq!(st["Effect"], "Allow", "{st}");
-        match &st["Action"] {
-            serde_json::Value::String(a) => {
-                out.insert(a.clone());
-            }
-            serde_json::Value::Array(v) => {
-                out.extend(v.iter().map(|a| a.as_str().unwrap().to_string()));
-            }
-            other => panic!("Action {other}"),
-        }
-    }
-    out
-}
-
 /// One line per lifecycle step (scripts/e2e-aws shows them).
 fn step(what: &str) {
     eprintln!("==> {what}");
@@ -355,7 +308,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     run.expect_verified();
     let first_snap = run.str("snapshot_id");
     assert!(first_snap.starts_with("snap-"), "{first_snap}");
-    assert_volume_holds(&device, &src, "the staging volume after the first pass");
+    assert_device_holds(&device, &src, "the staging volume after the first pass");
     let disk = wait_disk(&cp, "web-01", "the retaken snapshot to complete", |d| {
         d.state == DiskState::Continuous
             && d.snapshots
@@ -427,7 +380,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     );
     run.expect_verified();
     let second_snap = run.str("snapshot_id");
-    assert_volume_holds(&device, &src, "the staging volume after the second pass");
+    assert_device_holds(&device, &src, "the staging volume after the second pass");
     let disk = wait_disk(&cp, "web-01", "pruning of the first checkpoint", |d| {
         d.state == DiskState::Continuous
             && d.snapshots.iter().all(|s| s.id == second_snap)
@@ -643,7 +596,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         cloud.proxy.udev_errors()
     );
     // Every EC2 action the gateway called is allowed by the instance role's policy.
-    let allowed = iam_policy_actions();
+    let allowed = policy_actions("aws/iam-policy.json", "2012-10-17");
     let called: std::collections::BTreeSet<String> = cloud
         .proxy
         .requests()

@@ -27,15 +27,7 @@ pub const DEFAULT_META_ENDPOINT: &str = "http://100.100.100.200";
 /// capable.
 pub const DEFAULT_INSTANCE_TYPE: &str = "ecs.g7.large";
 
-/// Boot mode of launched images: fixed, or detected from the boot disk's partition table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BootModeSetting {
-    Uefi,
-    LegacyBios,
-    #[default]
-    Detect,
-}
+pub use sync_common::boot::BootModeSetting;
 
 /// The `aliyun` backend's settings. Every field has a default, so an empty table is valid on
 /// an ECS instance with a RAM role; launches also need `security_group_id`.

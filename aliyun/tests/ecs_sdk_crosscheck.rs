@@ -360,10 +360,12 @@ async fn typed_calls_send_what_the_sdk_sends() {
             DiskDeviceMapping {
                 snapshot_id: "s-root".into(),
                 device: "/dev/xvda".into(),
+                disk_type: Some("system".into()),
             },
             DiskDeviceMapping {
                 snapshot_id: "s-data".into(),
                 device: "/dev/xvdb".into(),
+                disk_type: Some("data".into()),
             },
         ],
         boot_mode: Some("UEFI".into()),

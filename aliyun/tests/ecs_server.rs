@@ -161,6 +161,7 @@ async fn disk_snapshot_image_instance_lifecycle() {
             mappings: vec![DiskDeviceMapping {
                 snapshot_id: snap_id.clone(),
                 device: "/dev/xvda".into(),
+                disk_type: Some("system".into()),
             }],
             boot_mode: Some("UEFI".into()),
             architecture: Some("x86_64".into()),

@@ -265,6 +265,22 @@ async fn small_raw_image_imports_uefi_and_object_is_kept_or_deleted() {
     );
     let keys = clouds.oss.object_keys();
     assert!(keys.is_empty(), "both objects deleted: {keys:?}");
+    // A rebuilt file under a name already imported: refused, never answered with the old one.
+    let mut rebuilt = qcow2.clone();
+    rebuilt.extend(pseudo_random(4096, 10));
+    let file = write_file(clouds.dir.path(), "gateway.qcow2", &rebuilt);
+    let out = run(
+        &clouds.args(&file, "appliance/gateway-2.qcow2", "sync-gateway-2"),
+        Some(&sts()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not from this file"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(clouds.ecs.requests_of("ImportImage").len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,19 +19,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Boot mode of launched images: fixed, or detected from the source disk's partition table
-/// (GPT with an EFI system partition: UEFI; MBR: legacy BIOS) by the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BootModeSetting {
-    /// Always UEFI.
-    Uefi,
-    /// Always legacy BIOS.
-    LegacyBios,
-    /// Decide per launch from the boot disk (the gateway does this; see [`crate::BootMode`]).
-    #[default]
-    Detect,
-}
+pub use sync_common::boot::BootModeSetting;
 
 /// The `aws` backend's settings. Every field has a default, so an empty table is valid on EC2.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! What the gateway's clients of the outside world share, so that each cloud's crate does not
-//! write it again: [`retry`] (full-jitter backoff and the retry counters status reports) and
+//! write it again: [`boot`] (the `boot_mode` setting), [`retry`] (full-jitter backoff and the retry counters status reports) and
 //! [`https`] (the one hyper + rustls client set-up: ring, TLS 1.2/1.3, plain http allowed
 //! for loopback test servers).
 
+pub mod boot;
 pub mod https;
 pub mod retry;

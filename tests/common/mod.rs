@@ -1136,3 +1136,49 @@ pub fn contains_ci(hay: &[u8], needle: &str) -> bool {
     let hay = String::from_utf8_lossy(hay).to_ascii_lowercase();
     hay.contains(&needle.to_ascii_lowercase())
 }
+
+/// The device (a cloud disk rounded up to GiB) starts with the source's bytes.
+pub fn assert_device_holds(device: &Path, src: &Path, what: &str) {
+    let want = std::fs::read(src).expect("read the source");
+    let f = File::open(device).expect("open the device");
+    let mut got = vec![0u8; want.len()];
+    f.read_exact_at(&mut got, 0).expect("read the device");
+    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: {} differs from {} at byte {at}",
+            device.display(),
+            src.display()
+        );
+    }
+}
+
+/// The actions a cloud policy file of the repository allows (`aws/iam-policy.json`,
+/// `aliyun/ram-policy.json`; every statement must allow), after checking that README.md shows
+/// the same policy in a json block (the one whose `Version` is `version`).
+pub fn policy_actions(file: &str, version: &str) -> std::collections::BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join(file)).expect("read the policy");
+    let policy: serde_json::Value = serde_json::from_str(&text).expect("policy JSON");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("read README.md");
+    let shown = readme
+        .split("```json\n")
+        .filter_map(|part| part.split("\n```").next())
+        .filter_map(|block| serde_json::from_str::<serde_json::Value>(block).ok())
+        .find(|v| v.get("Statement").is_some() && v["Version"] == version)
+        .unwrap_or_else(|| panic!("README.md shows {file} in a json block"));
+    assert_eq!(shown, policy, "README.md's copy differs from {file}");
+    let mut out = std::collections::BTreeSet::new();
+    for st in policy["Statement"].as_array().expect("Statement list") {
+        assert_eq!(st["Effect"], "Allow", "{st}");
+        match &st["Action"] {
+            serde_json::Value::String(a) => {
+                out.insert(a.clone());
+            }
+            serde_json::Value::Array(v) => {
+                out.extend(v.iter().filter_map(|a| a.as_str()).map(str::to_string));
+            }
+            other => panic!("Action {other}"),
+        }
+    }
+    out
+}

@@ -117,6 +117,9 @@ impl EcsClient {
         for (i, m) in req.mappings.iter().enumerate() {
             p.indexed("DiskDeviceMapping", i + 1, "SnapshotId", &m.snapshot_id)
                 .indexed("DiskDeviceMapping", i + 1, "Device", &m.device);
+            if let Some(t) = &m.disk_type {
+                p.indexed("DiskDeviceMapping", i + 1, "DiskType", t);
+            }
         }
         let v = self.call("CreateImage", &p).await?;
         required(&v, "CreateImage", "ImageId")
@@ -309,6 +312,7 @@ fn image_from(v: &Value) -> Image {
                 .map(|m| DiskDeviceMapping {
                     snapshot_id: text(m, "SnapshotId").unwrap_or_default(),
                     device: text(m, "Device").unwrap_or_default(),
+                    disk_type: text(m, "Type"),
                 })
                 .collect()
         })

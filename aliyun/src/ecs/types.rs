@@ -166,6 +166,9 @@ pub struct DiskDeviceMapping {
     pub snapshot_id: String,
     /// `/dev/xvda` for the system disk, `/dev/xvdb`… for data disks.
     pub device: String,
+    /// `system` or `data`; `None` keeps the type of the snapshot's source disk (a staging
+    /// disk's snapshot is a data disk's, so a launch's boot disk must say `system`).
+    pub disk_type: Option<String>,
 }
 
 /// `CreateImage` from snapshots.

@@ -167,6 +167,11 @@ impl EcsServer {
         self.state().device_dir = Some(dir.to_path_buf());
     }
 
+    /// The next `n` images made by CreateImage end `CreateFailed` instead of `Available`.
+    pub fn fail_next_images(&self, n: u32) {
+        self.state().fail_images = n;
+    }
+
     /// The next `n` imports (ImportImage) end `CreateFailed` instead of `Available`.
     pub fn fail_next_imports(&self, n: u32) {
         self.state().fail_imports = n;

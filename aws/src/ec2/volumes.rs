@@ -81,34 +81,43 @@ impl Ec2 {
         &self,
         client_token: &str,
     ) -> Result<Option<VolumeId>, AwsError> {
+        let tags = BTreeMap::from([(CLIENT_TOKEN_TAG_KEY.to_owned(), client_token.to_owned())]);
+        Ok(self.volumes_by_tags(&tags).await?.into_iter().next())
+    }
+
+    /// Volumes (creating, available or in use) that carry every one of `tags`.
+    pub async fn volumes_by_tags(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<VolumeId>, AwsError> {
         const OP: &str = "ec2:DescribeVolumes";
+        let mut filters: Vec<Filter> = tags
+            .iter()
+            .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+            .collect();
+        filters.push(
+            Filter::builder()
+                .name("status")
+                .values("creating")
+                .values("available")
+                .values("in-use")
+                .build(),
+        );
         let out = self
             .retrier
             .run(OP, None, || {
                 self.client
                     .describe_volumes()
-                    .filters(
-                        Filter::builder()
-                            .name(format!("tag:{CLIENT_TOKEN_TAG_KEY}"))
-                            .values(client_token)
-                            .build(),
-                    )
-                    .filters(
-                        Filter::builder()
-                            .name("status")
-                            .values("creating")
-                            .values("available")
-                            .values("in-use")
-                            .build(),
-                    )
+                    .set_filters(Some(filters.clone()))
                     .send()
             })
             .await?;
         Ok(out
             .volumes()
             .iter()
-            .find_map(|v| v.volume_id())
-            .map(VolumeId::from))
+            .filter_map(|v| v.volume_id())
+            .map(VolumeId::from)
+            .collect())
     }
 
     /// The volume's state, size, attachments and tags.

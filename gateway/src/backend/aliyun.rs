@@ -28,7 +28,7 @@ use sync_aliyun::ecs::{
     ErrorKind, Filter, RunInstances, SnapshotStatus, Tag,
 };
 use sync_aliyun::meta::{InstanceMetadata, MetaError, RamRoleCredentialsProvider, RefreshPolicy};
-use sync_aliyun::settings::{AliyunSettings, BootModeSetting};
+use sync_aliyun::settings::AliyunSettings;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -44,8 +44,6 @@ use super::{AliyunAccess, BackendError};
 /// The `aliyun` backend.
 pub type AliyunBackend = CloudBackend<AliyunApi>;
 
-/// Tag holding a disk's client token, so a disk created before a crash is found again.
-pub const TAG_CLIENT_TOKEN: &str = "sync-gateway:client-token";
 /// Smallest ESSD (PL1) and the size the gateway never goes below: the disk is at least the
 /// source's size, rounded up to GiB.
 const MIN_DISK_GIB: u64 = 20;
@@ -53,6 +51,8 @@ const MIN_DISK_GIB: u64 = 20;
 const MAX_CONFIGURED_TAGS: usize = 12;
 /// Custom images from snapshots take minutes per disk; an hour only fails a stuck one.
 const IMAGE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a resource just created may take to be listed.
+const LISTING_LAG: Duration = Duration::from_secs(60);
 /// How long start-up waits for the metadata service (on first boot it may come up after us).
 const META_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -194,7 +194,14 @@ impl From<EcsError> for CloudError {
     fn from(e: EcsError) -> Self {
         let kind = match e.kind() {
             ErrorKind::NotFound => CloudErrorKind::NotFound,
-            _ if e.code() == Some("SnapshotCreatedImage") => CloudErrorKind::InUse,
+            // An image, or a disk created from the image (an instance's), holds it.
+            _ if matches!(
+                e.code(),
+                Some("SnapshotCreatedImage" | "SnapshotCreatedDisk")
+            ) =>
+            {
+                CloudErrorKind::InUse
+            }
             k if k.is_retryable() => CloudErrorKind::Transient,
             _ => CloudErrorKind::Permanent,
         };
@@ -274,16 +281,23 @@ impl AliyunApi {
         }
     }
 
-    /// An image of ours from `boot` for this kind of launch that is not failed, if any.
-    async fn existing_image(&self, req: &LaunchRequest) -> Result<Option<String>, CloudError> {
+    /// An image of ours for these snapshots and this kind of launch that is not failed, if
+    /// any, and how many failed (a new attempt needs a new name: names are unique).
+    async fn existing_image(
+        &self,
+        req: &LaunchRequest,
+    ) -> Result<(Option<String>, usize), CloudError> {
         let images = self
             .ecs
             .describe_images(&Filter::tags(self.tags(&req.tags)))
             .await?;
-        Ok(images
+        let failed = |s: &str| s == "CreateFailed" || s == "UnAvailable";
+        let failures = images.iter().filter(|i| failed(&i.status)).count();
+        let usable = images
             .into_iter()
-            .find(|i| i.status != "CreateFailed" && i.status != "UnAvailable")
-            .map(|i| i.image_id))
+            .find(|i| !failed(&i.status))
+            .map(|i| i.image_id);
+        Ok((usable, failures))
     }
 
     async fn wait_image(&self, id: &str) -> Result<(), CloudError> {
@@ -340,12 +354,12 @@ impl CloudApi for AliyunApi {
         device::aliyun_by_id_name(volume)
     }
 
+    fn nvme_suffix(&self, volume: &str) -> Option<String> {
+        device::aliyun_nvme_suffix(volume).ok()
+    }
+
     fn boot_mode(&self) -> Option<BootMode> {
-        match self.settings.boot_mode {
-            BootModeSetting::Uefi => Some(BootMode::Uefi),
-            BootModeSetting::LegacyBios => Some(BootMode::LegacyBios),
-            BootModeSetting::Detect => None,
-        }
+        BootMode::configured(self.settings.boot_mode)
     }
 
     fn tag_value(&self, value: &str) -> String {
@@ -353,8 +367,6 @@ impl CloudApi for AliyunApi {
     }
 
     async fn create_volume(&self, req: &NewVolume) -> Result<String, CloudError> {
-        let mut tags = req.tags.clone();
-        tags.insert(TAG_CLIENT_TOKEN.into(), req.client_token.clone());
         let mut create = CreateDisk::new(&self.location.zone, req.size_gib.max(MIN_DISK_GIB));
         create.category = self.settings.disk_category.clone();
         create.performance_level = self.settings.performance_level.clone();
@@ -363,9 +375,20 @@ impl CloudApi for AliyunApi {
             "sync-gateway staging disk of {}",
             req.disk_id
         )));
-        create.tags = self.tags(&tags);
+        create.tags = self.tags(&req.tags);
         create.client_token = Some(req.client_token.clone());
-        Ok(self.ecs.create_disk(&create).await?)
+        let id = self.ecs.create_disk(&create).await?;
+        // A disk just created may not be listed yet; the caller's next look must find it.
+        let started = Instant::now();
+        loop {
+            match self.disk(&id).await {
+                Err(e) if e.kind == CloudErrorKind::NotFound && started.elapsed() < LISTING_LAG => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) if e.kind == CloudErrorKind::NotFound => return Err(e),
+                _ => return Ok(id),
+            }
+        }
     }
 
     async fn describe_volume(&self, id: &str) -> Result<CloudVolume, CloudError> {
@@ -383,15 +406,20 @@ impl CloudApi for AliyunApi {
         })
     }
 
-    async fn volume_by_client_token(&self, token: &str) -> Result<Option<String>, CloudError> {
-        let tags = vec![Tag::new(TAG_CLIENT_TOKEN, token)];
-        Ok(self
-            .ecs
-            .describe_disks(&Filter::tags(tags))
-            .await?
+    async fn find_volumes(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<String>, CloudError> {
+        let tags = tags
+            .iter()
+            .map(|(k, v)| Tag::new(k.clone(), tag_value(v)))
+            .collect();
+        let found = self.ecs.describe_disks(&Filter::tags(tags)).await?;
+        Ok(found
             .into_iter()
-            .next()
-            .map(|d| d.disk_id))
+            .filter(|d| d.status != "Deleting" && d.status != "Deleted")
+            .map(|d| d.disk_id)
+            .collect())
     }
 
     async fn wait_created(&self, id: &str, timeout: Duration) -> Result<(), CloudError> {
@@ -413,6 +441,8 @@ impl CloudApi for AliyunApi {
             match d.status.as_str() {
                 "In_use" if mine => Ok(true),
                 "Attaching" if mine => Ok(false),
+                // AttachDisk accepted, not yet shown: the wait's timeout bounds it.
+                "Available" => Ok(false),
                 other => Err(format!(
                     "is {other} (instance {}) while attaching to {me}",
                     d.instance_id.as_deref().unwrap_or("none")
@@ -511,11 +541,15 @@ impl CloudApi for AliyunApi {
             )
         })?;
         let image = match self.existing_image(req).await? {
-            Some(id) => {
-                info!(disk, image = %id, "reusing the image made for this snapshot");
+            (Some(id), _) => {
+                info!(disk, image = %id, "reusing the image made for these snapshots");
                 id
             }
-            None => {
+            (None, failures) => {
+                let name = match failures {
+                    0 => req.image_name.clone(),
+                    n => format!("{} retry {n}", req.image_name),
+                };
                 let mappings = req
                     .snapshots
                     .iter()
@@ -523,12 +557,13 @@ impl CloudApi for AliyunApi {
                     .map(|(s, c)| DiskDeviceMapping {
                         snapshot_id: s.clone(),
                         device: format!("/dev/xvd{c}"),
+                        disk_type: Some(if c == 'a' { "system" } else { "data" }.into()),
                     })
                     .collect();
                 let id = self
                     .ecs
                     .create_image(&CreateImage {
-                        name: resource_name(&req.image_name),
+                        name: resource_name(&name),
                         mappings,
                         boot_mode: Some(
                             match req.boot_mode {
@@ -540,7 +575,7 @@ impl CloudApi for AliyunApi {
                         architecture: Some("x86_64".into()),
                         description: Some(description(&req.description)),
                         tags: self.tags(&req.tags),
-                        client_token: Some(token_of(&req.image_name)),
+                        client_token: Some(token_of(&name)),
                     })
                     .await?;
                 info!(disk, image = %id, snapshot = %req.snapshots[0],
@@ -692,6 +727,15 @@ mod tests {
             message: "used".into(),
             request_id: "r".into(),
             kind: ErrorKind::classify(403, "SnapshotCreatedImage"),
+        };
+        assert_eq!(CloudError::from(e).kind, CloudErrorKind::InUse);
+        let e = EcsError::Api {
+            action: "DeleteSnapshot".into(),
+            status: 403,
+            code: "SnapshotCreatedDisk".into(),
+            message: "a disk was created from it".into(),
+            request_id: "r".into(),
+            kind: ErrorKind::classify(403, "SnapshotCreatedDisk"),
         };
         assert_eq!(CloudError::from(e).kind, CloudErrorKind::InUse);
         let e = EcsError::Api {

@@ -12,12 +12,13 @@
 //! | launch | RegisterImage (root `/dev/xvda` = boot disk's snapshot, further disks `/dev/sdb…`, ENA, boot mode; unique name per snapshot and kind), RunInstances |
 //! | release | DetachVolume, DescribeVolumes until `available`, DeleteVolume |
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use sync_aws::{
-    AwsError, AwsSettings, BootModeSetting, Ec2, ErrorKind, ImageSpec, Imds, InstanceId,
-    LaunchSpec, SnapshotFilter, SnapshotId, VolumeId, VolumeState,
+    AwsError, AwsSettings, Ec2, ErrorKind, ImageSpec, Imds, InstanceId, LaunchSpec, SnapshotFilter,
+    SnapshotId, VolumeId, VolumeState,
 };
 use tracing::{info, warn};
 
@@ -141,11 +142,7 @@ impl CloudApi for AwsApi {
     }
 
     fn boot_mode(&self) -> Option<BootMode> {
-        match self.settings.boot_mode {
-            BootModeSetting::Uefi => Some(BootMode::Uefi),
-            BootModeSetting::LegacyBios => Some(BootMode::LegacyBios),
-            BootModeSetting::Detect => None,
-        }
+        BootMode::configured(self.settings.boot_mode)
     }
 
     fn tag_value(&self, value: &str) -> String {
@@ -175,12 +172,12 @@ impl CloudApi for AwsApi {
         })
     }
 
-    async fn volume_by_client_token(&self, token: &str) -> Result<Option<String>, CloudError> {
-        Ok(self
-            .ec2
-            .volume_by_client_token(token)
-            .await?
-            .map(|v| v.to_string()))
+    async fn find_volumes(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<String>, CloudError> {
+        let found = self.ec2.volumes_by_tags(tags).await?;
+        Ok(found.into_iter().map(|v| v.to_string()).collect())
     }
 
     async fn wait_created(&self, id: &str, timeout: Duration) -> Result<(), CloudError> {

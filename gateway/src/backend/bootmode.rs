@@ -22,6 +22,16 @@ pub enum BootMode {
 }
 
 impl BootMode {
+    /// The mode a `boot_mode` setting fixes; `None` for `detect`.
+    pub fn configured(setting: sync_common::boot::BootModeSetting) -> Option<BootMode> {
+        use sync_common::boot::BootModeSetting as S;
+        match setting {
+            S::Uefi => Some(BootMode::Uefi),
+            S::LegacyBios => Some(BootMode::LegacyBios),
+            S::Detect => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             BootMode::Uefi => "uefi",

@@ -45,6 +45,11 @@ pub const TAG_SIZE: &str = "sync-gateway:size-bytes";
 pub const TAG_REPLACES: &str = "sync-gateway:replaces";
 pub const TAG_LAUNCH: &str = "sync-gateway:launch";
 pub const TAG_SNAPSHOT: &str = "sync-gateway:snapshot";
+/// What an image is made of (a digest of its snapshots and boot mode): launches with the same
+/// key reuse the image.
+pub const TAG_IMAGE_KEY: &str = "sync-gateway:image-key";
+/// A staging volume's client token, so a volume created before a crash is found again.
+pub const TAG_CLIENT_TOKEN: &str = "sync-gateway:client-token";
 
 /// A failed cloud call (after the client's own retries), sorted the way the backend acts on
 /// it. Its text is the client error's: action, cloud error code and request id.
@@ -108,7 +113,8 @@ pub struct NewVolume {
     pub disk_id: String,
     pub size_gib: u64,
     pub client_token: String,
-    /// The gateway's tags (the adapter adds the configured ones).
+    /// The gateway's tags, [`TAG_CLIENT_TOKEN`] included (the adapter adds the configured
+    /// ones).
     pub tags: BTreeMap<String, String>,
 }
 
@@ -201,6 +207,10 @@ pub trait CloudApi: fmt::Debug + Send + Sync + 'static {
     fn device_dir(&self) -> &Path;
     /// The by-id name of a volume's device.
     fn device_name(&self, volume: &str) -> Result<String, DeviceError>;
+    /// The end of its `nvme-…` by-id name, on a cloud whose NVMe names are not fixed.
+    fn nvme_suffix(&self, _volume: &str) -> Option<String> {
+        None
+    }
     /// The configured boot mode of launches; `None`: detect from the boot disk.
     fn boot_mode(&self) -> Option<BootMode>;
     /// A tag value as the cloud accepts it.
@@ -215,11 +225,11 @@ pub trait CloudApi: fmt::Debug + Send + Sync + 'static {
         &self,
         id: &str,
     ) -> impl Future<Output = Result<CloudVolume, CloudError>> + Send;
-    /// The volume a create with `token` made, if any.
-    fn volume_by_client_token(
+    /// Volumes (not deleted) that carry every one of `tags`.
+    fn find_volumes(
         &self,
-        token: &str,
-    ) -> impl Future<Output = Result<Option<String>, CloudError>> + Send;
+        tags: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<Vec<String>, CloudError>> + Send;
     fn wait_created(
         &self,
         id: &str,

@@ -58,17 +58,37 @@ pub fn aliyun_by_id_name(disk_id: &str) -> Result<String, DeviceError> {
     }
 }
 
-/// Waits until `dir/name` exists, then returns the path it resolves to (the `/dev/nvmeXn1`
-/// behind udev's symlink, or the plain file in tests). Polls every 100 ms: udev creates the link
-/// within a second or two of the attachment completing.
+/// The serial an Alibaba Cloud disk shows on an NVMe-attached instance (g7se and later
+/// families), where udev names it `nvme-MODEL_SERIAL` instead of `virtio-SERIAL`.
+pub fn aliyun_nvme_suffix(disk_id: &str) -> Result<String, DeviceError> {
+    let virtio = aliyun_by_id_name(disk_id)?;
+    Ok(format!("_{}", virtio.trim_start_matches("virtio-")))
+}
+
+/// Waits until `dir/name` exists — or, with `nvme_suffix`, an `nvme-…` entry ending in it —
+/// then returns the path it resolves to (the `/dev/vdX` or `/dev/nvmeXn1` behind udev's
+/// symlink, or the plain file in tests). Polls every 100 ms: udev creates the link within a
+/// second or two of the attachment completing.
 pub async fn wait_for_device(
     dir: &Path,
     name: &str,
+    nvme_suffix: Option<&str>,
     timeout: Duration,
 ) -> Result<PathBuf, DeviceError> {
-    let path = dir.join(name);
     let started = tokio::time::Instant::now();
     loop {
+        let mut path = dir.join(name);
+        if let Some(suffix) = nvme_suffix {
+            if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
+                while let Ok(Some(e)) = entries.next_entry().await {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("nvme-") && n.ends_with(suffix) && !n.contains("-part") {
+                        path = e.path();
+                        break;
+                    }
+                }
+            }
+        }
         match tokio::fs::canonicalize(&path).await {
             Ok(p) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -131,7 +151,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(300)).await;
             std::os::unix::fs::symlink("../nvme1n1", &link).unwrap();
         });
-        let found = wait_for_device(&by_id, &name, Duration::from_secs(10))
+        let found = wait_for_device(&by_id, &name, None, Duration::from_secs(10))
             .await
             .unwrap();
         maker.await.unwrap();
@@ -139,9 +159,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_alibaba_disk_is_also_found_by_its_nvme_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("nvme1n1");
+        std::fs::write(&dev, b"").unwrap();
+        let id = "d-bp1abc123";
+        let nvme = "nvme-Alibaba_Cloud_Elastic_Block_Storage_bp1abc123";
+        std::os::unix::fs::symlink(&dev, dir.path().join(nvme)).unwrap();
+        std::os::unix::fs::symlink(&dev, dir.path().join(format!("{nvme}-part1"))).unwrap();
+        let name = aliyun_by_id_name(id).unwrap();
+        let suffix = aliyun_nvme_suffix(id).unwrap();
+        let found = wait_for_device(dir.path(), &name, Some(&suffix), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(found, dev.canonicalize().unwrap());
+    }
+
+    #[tokio::test]
     async fn gives_up_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let e = wait_for_device(dir.path(), "virtio-x", Duration::from_millis(250))
+        let e = wait_for_device(dir.path(), "virtio-x", None, Duration::from_millis(250))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("virtio-x"), "{e}");

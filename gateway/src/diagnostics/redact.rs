@@ -224,10 +224,13 @@ impl Scrubber {
         let lower = text.to_ascii_lowercase();
         let mut ranges: Vec<(usize, usize)> = Vec::new();
         for s in &self.secrets {
+            // Step past the match's first character, not byte: a secret may start with a
+            // multi-byte one, and overlapping matches must still be found.
+            let step = s.chars().next().map_or(1, char::len_utf8);
             let mut from = 0;
             while let Some(i) = lower[from..].find(s.as_str()) {
                 ranges.push((from + i, from + i + s.len()));
-                from += i + 1;
+                from += i + step;
             }
         }
         if ranges.is_empty() {
@@ -368,6 +371,15 @@ mod tests {
             "k=<redacted>, k2=<redacted> enc=<redacted> raw=<redacted> short ünïcode"
         );
         assert!(Scrubber::default().scrub("nothing ü").ends_with('ü'));
+    }
+
+    #[test]
+    fn secrets_starting_with_a_multibyte_character_are_scrubbed_without_panic() {
+        let mut s = Scrubber::default();
+        s.add("éé-pass-wörd-éé");
+        s.add("ééé-ééé");
+        let clean = s.scrub("a=éé-pass-wörd-éé b=ééé-ééé-ééé c=é");
+        assert_eq!(clean, "a=<redacted> b=<redacted> c=é");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sync_aliyun::ecs::{EcsClient, EcsConfig, Filter, Image, ImportImage};
+use sync_aliyun::ecs::{EcsClient, EcsConfig, Filter, Image, ImportImage, Tag};
 use sync_aliyun::oss::{OssClient, OssConfig, PutOptions, PutResult};
 use sync_aliyun::Credentials;
 
@@ -11,6 +11,36 @@ use super::{
     chain, check_image_name, check_object_key, client_token, note, sniff_format, Format,
     ImageError, ImportArgs, MIB,
 };
+
+/// Tag of an imported image: the SHA-256 of the file it was imported from, so a rerun with a
+/// rebuilt file under the same name fails instead of answering the old image.
+const DIGEST_TAG: &str = "sync-gateway:image-sha256";
+
+/// SHA-256 of a file, in hex (read in 1 MiB blocks off the async threads).
+async fn file_sha256(path: &std::path::Path) -> Result<String, ImageError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(hex::encode(h.finalize()));
+            }
+            h.update(&buf[..n]);
+        }
+    })
+    .await;
+    match hashed {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(ImageError::Failed(format!("cannot read {shown}: {e}"))),
+        Err(e) => Err(ImageError::Failed(format!("cannot hash {shown}: {e}"))),
+    }
+}
 
 /// First pause between DescribeImages polls; each next one is 1.5 times longer.
 const POLL_FIRST: Duration = Duration::from_millis(250);
@@ -109,8 +139,24 @@ impl Plan {
             .map_err(|e| ImageError::Usage(e.to_string()))?;
 
         let object = format!("oss://{}/{}", a.bucket, a.key);
-        // A rerun: the image is there (or on its way), so nothing is uploaded again.
+        let digest = file_sha256(&a.file).await?;
+        // A rerun: the image is there (or on its way), so nothing is uploaded again — if it
+        // was imported from this very file; a rebuilt image needs a new name.
         if let Some(image) = find_by_name(&ecs, &a.image_name).await? {
+            let recorded = image
+                .tags
+                .iter()
+                .find(|t| t.key == DIGEST_TAG)
+                .map(|t| t.value.as_str());
+            if recorded != Some(digest.as_str()) {
+                return Err(ImageError::Failed(format!(
+                    "an image named {:?} exists already ({}), imported from {} (sha256), not \
+                     from this file ({digest}): choose another --image-name",
+                    a.image_name,
+                    image.image_id,
+                    recorded.unwrap_or("an unrecorded file")
+                )));
+            }
             if !matches!(image.status.as_str(), "Available" | "Waiting" | "Creating") {
                 return Err(ImageError::Failed(format!(
                     "an image named {:?} exists already, {} in state {}: delete it or choose \
@@ -147,7 +193,7 @@ impl Plan {
         let import_started = Instant::now();
         let imported = async {
             self.verify(&oss, &object, &put).await?;
-            let image_id = self.import(&ecs).await?;
+            let image_id = self.import(&ecs, &digest).await?;
             note(&format!(
                 "ImportImage: {image_id}; waiting for it to become Available"
             ));
@@ -248,7 +294,7 @@ impl Plan {
         Ok(())
     }
 
-    async fn import(&self, ecs: &EcsClient) -> Result<String, ImageError> {
+    async fn import(&self, ecs: &EcsClient, digest: &str) -> Result<String, ImageError> {
         let a = &self.args;
         let mut req = ImportImage::new(&a.image_name, &a.bucket, &a.key);
         req.format = Some(self.format.ecs_name().to_string());
@@ -258,7 +304,13 @@ impl Plan {
         req.platform = Some(a.platform.clone());
         req.description = a.description.clone();
         req.tags = a.tags.clone();
-        req.client_token = Some(client_token(&a.region, &a.image_name, &a.bucket, &a.key));
+        req.tags.push(Tag::new(DIGEST_TAG, digest));
+        req.client_token = Some(client_token(
+            &a.region,
+            &a.image_name,
+            &a.bucket,
+            &format!("{}\0{digest}", a.key),
+        ));
         match ecs.import_image(&req).await {
             Ok(id) => Ok(id),
             // Another run imported the same name since we looked: that image is the answer.

@@ -177,6 +177,8 @@ pub(super) struct State {
     pub fail_snapshots: u32,
     /// The next this many imports end `CreateFailed`.
     pub fail_imports: u32,
+    /// The next this many CreateImage images end `CreateFailed`.
+    pub fail_images: u32,
 }
 
 type P = BTreeMap<String, String>;
@@ -282,6 +284,7 @@ impl State {
             device_dir: None,
             fail_snapshots: 0,
             fail_imports: 0,
+            fail_images: 0,
         }
     }
 
@@ -676,6 +679,7 @@ impl State {
     fn create_image(&mut self, p: &P) -> Result<Reply, Reply> {
         need(p, "RegionId")?;
         let mut mappings = Vec::new();
+        let mut systems = Vec::new();
         for n in 1..=17 {
             let Some(snap) = p.get(&format!("DiskDeviceMapping.{n}.SnapshotId")) else {
                 break;
@@ -698,12 +702,39 @@ impl State {
                 .get(&format!("DiskDeviceMapping.{n}.Device"))
                 .cloned()
                 .unwrap_or_default();
+            // Without DiskType a mapping keeps its snapshot's disk type; every snapshot here
+            // is of a data disk.
+            let kind = p
+                .get(&format!("DiskDeviceMapping.{n}.DiskType"))
+                .map_or("data", String::as_str);
+            if kind == "system" {
+                systems.push(device.clone());
+            }
             mappings.push((snap.clone(), device));
         }
         if mappings.is_empty() && p.get("SnapshotId").is_none() && p.get("InstanceId").is_none() {
             return Err(missing("DiskDeviceMapping"));
         }
-        Ok(self.new_image(p, mappings))
+        if !mappings.is_empty() && (systems.len() != 1 || systems[0] != "/dev/xvda") {
+            return Err(Reply::error(
+                400,
+                "InvalidParameter",
+                "DiskDeviceMapping must hold exactly one system disk (DiskType system), at \
+                 /dev/xvda.",
+            ));
+        }
+        let reply = self.new_image(p, mappings);
+        if self.fail_images > 0 {
+            self.fail_images -= 1;
+            let failed = self.later("CreateFailed");
+            if let Some(image) = reply.body["ImageId"]
+                .as_str()
+                .and_then(|id| self.images.get_mut(id))
+            {
+                image.pending = failed;
+            }
+        }
+        Ok(reply)
     }
 
     /// `ImportImage`, checked as ECS checks before it queues the import task (the codes of
@@ -828,7 +859,10 @@ impl State {
                     None => i
                         .mappings
                         .iter()
-                        .map(|(s, d)| json!({"SnapshotId": s, "Device": d}))
+                        .map(|(s, d)| {
+                            let kind = if d == "/dev/xvda" { "system" } else { "data" };
+                            json!({"SnapshotId": s, "Device": d, "Type": kind})
+                        })
                         .collect(),
                 };
                 Some(json!({

@@ -62,9 +62,10 @@ struct Inner<A> {
     listing: Mutex<Option<(Instant, Vec<SnapshotInfo>)>>,
     /// Bumped by every invalidation: a listing fetched across one is not cached.
     listing_epoch: AtomicU64,
-    /// Retaken snapshots that turned out to hold later data and could not be deleted: they
-    /// never stand for the checkpoint they were taken for (`rejected.json`).
-    rejected: Mutex<BTreeSet<String>>,
+    /// Retaken snapshots checked to hold their checkpoint's content (`retakes.json`). A
+    /// snapshot tagged `replaces` that is not in here (the gateway stopped between taking and
+    /// checking it, or it held later data) never stands for a checkpoint.
+    confirmed: Mutex<BTreeSet<String>>,
     launch_states: Mutex<HashMap<String, (Instant, String)>>,
     /// Snapshot id → the volume it was taken of and the volume's write generation then: while
     /// that is unchanged, the volume holds the snapshot's content (see `snapshot_digest`).
@@ -106,8 +107,10 @@ impl<A: CloudApi> CloudBackend<A> {
             path: dir.clone(),
             source,
         })?;
-        let volumes = load_json(&dir.join("volumes.json")).unwrap_or_default();
-        let rejected = load_json(&dir.join("rejected.json")).unwrap_or_default();
+        // An unreadable record stops the start: going on without it could put an empty
+        // volume under a disk's replicated state.
+        let volumes = load_record(&dir.join("volumes.json"))?;
+        let confirmed = load_record(&dir.join("retakes.json"))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 api,
@@ -116,7 +119,7 @@ impl<A: CloudApi> CloudBackend<A> {
                 tracked: Mutex::default(),
                 listing: Mutex::default(),
                 listing_epoch: AtomicU64::new(0),
-                rejected: Mutex::new(rejected),
+                confirmed: Mutex::new(confirmed),
                 launch_states: Mutex::default(),
                 sources: Mutex::default(),
                 snapshots_retried: AtomicU64::new(0),
@@ -166,17 +169,38 @@ impl<A: CloudApi> CloudBackend<A> {
         let (token, known) = match recorded {
             Some(r) => (r.client_token, r.volume_id),
             None => {
+                // Not recorded, yet the cloud may hold this disk's volume: the record was lost
+                // (restored data directory, hand edit). Its data belongs to the disk; a second
+                // empty volume would silently replace it.
+                let found = api
+                    .find_volumes(&inner.base_tags(disk_id))
+                    .await
+                    .map_err(cloud)?;
+                if found.len() > 1 {
+                    return Err(BackendError::Unsupported {
+                        disk: disk_id.into(),
+                        message: format!(
+                            "several volumes of this disk exist but none is recorded: {}; \
+                             delete the stale ones, or record the right one in {}",
+                            found.join(", "),
+                            inner.dir.join("volumes.json").display()
+                        ),
+                    });
+                }
                 let token = client_token(&api.location().instance, disk_id, rand::random());
+                if let Some(v) = found.first() {
+                    warn!(disk = disk_id, volume = %v, "adopting this disk's unrecorded staging volume");
+                }
                 inner.set_volume(
                     disk_id,
                     Some(VolumeRecord {
                         client_token: token.clone(),
-                        volume_id: None,
+                        volume_id: found.first().cloned(),
                         device: PathBuf::new(),
                         size_bytes: size,
                     }),
                 )?;
-                (token, None)
+                (token, found.into_iter().next())
             }
         };
         let id = match known {
@@ -188,7 +212,11 @@ impl<A: CloudApi> CloudBackend<A> {
                     disk_id: disk_id.into(),
                     size_gib,
                     client_token: token.clone(),
-                    tags: inner.base_tags(disk_id),
+                    tags: {
+                        let mut t = inner.base_tags(disk_id);
+                        t.insert(TAG_CLIENT_TOKEN.into(), token.clone());
+                        t
+                    },
                 })
                 .await
                 .map_err(cloud)?,
@@ -240,9 +268,11 @@ impl<A: CloudApi> CloudBackend<A> {
             error,
         };
         let name = api.device_name(&id).map_err(device_error)?;
-        let path = device::wait_for_device(api.device_dir(), &name, DEVICE_TIMEOUT)
-            .await
-            .map_err(device_error)?;
+        let nvme = api.nvme_suffix(&id);
+        let path =
+            device::wait_for_device(api.device_dir(), &name, nvme.as_deref(), DEVICE_TIMEOUT)
+                .await
+                .map_err(device_error)?;
         let (p, disk) = (path.clone(), disk_id.to_string());
         let volume = super::super::blocking(move || {
             let io = |action: &'static str| {
@@ -377,12 +407,12 @@ impl<A: CloudApi> CloudBackend<A> {
                     .describe_snapshots(&SnapshotQuery::Tags(inner.base_tags_gateway()))
                     .await
                     .map_err(|e| BackendError::cloud(disk_id.unwrap_or("*"), e))?;
-                let rejected = lock(&inner.rejected).clone();
+                let confirmed = lock(&inner.confirmed).clone();
                 let mut v: Vec<SnapshotInfo> = found
                     .iter()
                     .filter_map(|s| from_cloud(s, A::METHOD))
                     .map(|mut s| {
-                        if rejected.contains(&s.id) {
+                        if s.replaces.is_some() && !confirmed.contains(&s.id) {
                             s.replaces = None;
                             s.state = SnapshotState::Failed;
                         }
@@ -482,9 +512,20 @@ impl<A: CloudApi> CloudBackend<A> {
         let mut tags = inner.base_tags(disk);
         tags.insert(TAG_LAUNCH.into(), kind.into());
         tags.insert(TAG_SNAPSHOT.into(), boot.id.clone());
+        // An image is reused only for the same snapshots in the same order and boot mode.
+        let key = {
+            let mut h = Sha256::new();
+            for s in &snapshots {
+                h.update(s.id.as_bytes());
+                h.update(b"\n");
+            }
+            h.update(boot_mode.as_str().as_bytes());
+            hex::encode(h.finalize())[..16].to_string()
+        };
+        tags.insert(TAG_IMAGE_KEY.into(), key.clone());
         let req = LaunchRequest {
             disk_id: disk.into(),
-            image_name: format!("sync-gateway {disk} {} {kind}", boot.id),
+            image_name: format!("sync-gateway {disk} {} {kind} {key}", boot.id),
             description: format!(
                 "sync-gateway: {disk} at checkpoint {} ({})",
                 boot.label, boot.created
@@ -607,12 +648,34 @@ impl<A: CloudApi> CloudBackend<A> {
             // Recorded before the create answered: the token finds what it made.
             Some(r) => inner
                 .api
-                .volume_by_client_token(&r.client_token)
+                .find_volumes(&BTreeMap::from([(
+                    TAG_CLIENT_TOKEN.to_string(),
+                    r.client_token.clone(),
+                )]))
                 .await
-                .map_err(cloud)?,
+                .map_err(cloud)?
+                .into_iter()
+                .next(),
             None => None,
         };
         if let Some(id) = id {
+            // Never detach (and delete) a volume some other instance holds.
+            let me = &inner.api.location().instance;
+            match inner.api.describe_volume(&id).await {
+                Ok(v) => {
+                    if let Some((other, dev)) = v.attachments.iter().find(|(i, _)| i != me) {
+                        return Err(BackendError::Unsupported {
+                            disk: disk_id.into(),
+                            message: format!(
+                                "staging volume {id} is attached to {other} ({dev}), not to \
+                                 this gateway {me}; it is left alone"
+                            ),
+                        });
+                    }
+                }
+                Err(e) if e.kind == CloudErrorKind::NotFound => {}
+                Err(e) => return Err(cloud(e)),
+            }
             inner
                 .api
                 .detach_volume(&id, VOLUME_READY_TIMEOUT)
@@ -686,15 +749,16 @@ impl<A: CloudApi> Inner<A> {
         lock(&self.tracked)
     }
 
-    /// Records durably that snapshot `id` never stands for a checkpoint.
-    fn reject(&self, id: &str) {
-        let mut g = lock(&self.rejected);
+    /// Records durably that retaken snapshot `id` holds its checkpoint's content.
+    fn confirm(&self, id: &str) -> std::io::Result<()> {
+        let mut g = lock(&self.confirmed);
         g.insert(id.to_string());
-        let path = self.dir.join("rejected.json");
         let json = serde_json::to_vec_pretty(&*g).unwrap_or_default();
-        if let Err(e) = durable::atomic_write(&path, &json, 0o600) {
-            warn!(path = %path.display(), error = %e, "cannot record a rejected snapshot");
+        let written = durable::atomic_write(&self.dir.join("retakes.json"), &json, 0o600);
+        if written.is_err() {
+            g.remove(id);
         }
+        written
     }
 
     /// The volume snapshot `id` was taken of, while it still holds the snapshot's content.
@@ -918,16 +982,22 @@ impl<A: CloudApi> Inner<A> {
             )
             .await
             .map_err(|e| e.to_string())?;
-        if volume.generation() != generation {
-            // A write raced the call: the new snapshot may hold later data. It carries the
-            // `replaces` tag already, so it must go, or at least never be taken for the
-            // checkpoint's content.
-            self.reject(&id);
+        // It stands for the checkpoint only once recorded as checked: a write that raced the
+        // call may have put later data in it, and a stop before this point leaves it
+        // unconfirmed, so it never stands for anything.
+        let unusable = if volume.generation() != generation {
+            Some("the volume was written while the snapshot was retaken".to_string())
+        } else {
+            self.confirm(&id)
+                .err()
+                .map(|e| format!("cannot record the retaken snapshot as checked: {e}"))
+        };
+        if let Some(why) = unusable {
             if let Err(e) = self.api.delete_snapshot(&id).await {
-                warn!(snapshot = %id, error = %e, "cannot delete a retaken snapshot that holds later data; it is recorded as rejected");
+                warn!(snapshot = %id, error = %e, "cannot delete an unusable retaken snapshot; unconfirmed, it never stands for its checkpoint");
             }
             self.invalidate_listing();
-            return Err("the volume was written while the snapshot was retaken".into());
+            return Err(why);
         }
         Ok(SnapshotInfo {
             id,
@@ -1008,6 +1078,24 @@ fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
             warn!(path = %path.display(), error = %e, "unreadable record skipped");
             None
         }
+    }
+}
+
+/// A record that must be readable: absent is empty, unreadable stops the backend.
+fn load_record<T: Default + for<'de> Deserialize<'de>>(path: &Path) -> Result<T, BackendError> {
+    let bad = |message: String| BackendError::Metadata {
+        path: path.to_path_buf(),
+        message,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            bad(format!(
+                "{e}; the gateway does not start without it (it maps disks to their cloud \
+                 volumes); restore it or fix it by hand"
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(bad(e.to_string())),
     }
 }
 
