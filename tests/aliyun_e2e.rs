@@ -28,7 +28,7 @@ use sync_aliyun::testing::ecs_server::{EcsServer, EcsServerConfig, Fault};
 use sync_aliyun::testing::meta_server::{FakeMetaConfig, FakeMetaServer};
 use sync_aliyun::testing::oss_server::{OssServer, OssServerConfig};
 use sync_aliyun::Credentials;
-use sync_gateway::api::{CommandState, DiagnosticsBundle, DiskPhase, DiskState, DiskStatus};
+use sync_gateway::api::{CommandState, DiagnosticsBundle, DiskPhase, DiskState};
 
 const MIB: u64 = 1 << 20;
 const SECURITY_GROUP: &str = "sg-bp1e2etestgroup000";
@@ -173,32 +173,6 @@ fn role_credentials(c: &FakeMetaConfig) -> Credentials {
     )
 }
 
-/// One line per lifecycle step (scripts/e2e-aliyun shows them).
-fn step(what: &str) {
-    eprintln!("==> {what}");
-}
-
-fn command_ok(cp: &ControlPlane, args: &[&str]) -> serde_json::Value {
-    let v = cp.cli_json(args);
-    assert_eq!(v["state"], "succeeded", "{args:?}: {v}");
-    v
-}
-
-fn wait_disk(
-    cp: &ControlPlane,
-    disk: &str,
-    what: &str,
-    ok: impl Fn(&DiskStatus) -> bool,
-) -> DiskStatus {
-    wait_for(Duration::from_secs(120), what, || {
-        cp.disk(disk).filter(|d| ok(d))
-    })
-}
-
-fn tag<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-    v["tags"][key].as_str()
-}
-
 /// The lifecycle against the local ECS server, with throttling and a server error on
 /// the way and the first snapshot failing: register with the identity document → assign
 /// (disk created, attached, found by serial) → replicate with verification → checkpoint
@@ -266,7 +240,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     let cmd = cp.assign(&gw_id, "web-01", size, &key);
     let done = cp.wait_command(&cmd, Duration::from_secs(180));
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
-    let disk = wait_disk(&cp, "web-01", "the disk id in the status", |d| {
+    let disk = cp.wait_disk("web-01", "the disk id in the status", |d| {
         d.volume_id.is_some()
     });
     let disk_id = disk.volume_id.unwrap();
@@ -315,7 +289,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     let first_snap = run.str("snapshot_id");
     assert!(first_snap.starts_with("s-"), "{first_snap}");
     assert_device_holds(&device, &src, "the staging disk after the first pass");
-    let disk = wait_disk(&cp, "web-01", "the retaken snapshot to complete", |d| {
+    let disk = cp.wait_disk("web-01", "the retaken snapshot to complete", |d| {
         d.state == DiskState::Continuous
             && d.snapshots
                 .iter()
@@ -360,20 +334,17 @@ fn aliyun_lifecycle_through_the_real_binaries() {
 
     // Retention of one bucket: each checkpoint prunes the one before. A restart first: the
     // same disk is found again and the next pass is incremental.
-    command_ok(
-        &cp,
-        &[
-            "policy",
-            "set",
-            "--gateway",
-            &gw_id,
-            "--retention",
-            "1000000000:1000000000",
-        ],
-    );
+    cp.command_ok(&[
+        "policy",
+        "set",
+        "--gateway",
+        &gw_id,
+        "--retention",
+        "1000000000:1000000000",
+    ]);
     assert_eq!(gw.terminate(Duration::from_secs(30)).code(), Some(0));
     let mut gw = Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway-2.log"));
-    let disk = wait_disk(&cp, "web-01", "the disk back after the restart", |d| {
+    let disk = cp.wait_disk("web-01", "the disk back after the restart", |d| {
         d.state == DiskState::Continuous && d.volume_id.as_deref() == Some(disk_id.as_str())
     });
     assert_eq!(disk.durable_seq, run.u64("checkpoint_seq"), "{disk:?}");
@@ -393,7 +364,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     run.expect_verified();
     let second_snap = run.str("snapshot_id");
     assert_device_holds(&device, &src, "the staging disk after the second pass");
-    wait_disk(&cp, "web-01", "pruning of the first checkpoint", |d| {
+    cp.wait_disk("web-01", "pruning of the first checkpoint", |d| {
         d.state == DiskState::Continuous
             && !d.snapshots.is_empty()
             && d.snapshots.iter().all(|s| s.id == second_snap)
@@ -423,7 +394,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     );
     // Test launch from the latest checkpoint: a custom image whose system disk is that
     // snapshot (UEFI, from the source's partition table), an instance in the gateway's vSwitch.
-    let v = command_ok(&cp, &["cutover", "--test", "--disk-id", "web-01"]);
+    let v = cp.command_ok(&["cutover", "--test", "--disk-id", "web-01"]);
     let test_launch = v["result"]["output"]["launch"].clone();
     let test_instance = test_launch["instance_id"].as_str().unwrap().to_string();
     let test_image = test_launch["image_id"].as_str().unwrap().to_string();
@@ -464,7 +435,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
         passes.push(run.str("snapshot_id"));
     }
     let third = passes[0].clone();
-    wait_disk(&cp, "web-01", "pruning around the in-use snapshot", |d| {
+    cp.wait_disk("web-01", "pruning around the in-use snapshot", |d| {
         let ids: Vec<&str> = d.snapshots.iter().map(|s| s.id.as_str()).collect();
         d.last_checkpoint.as_ref().map(|c| c.snapshot_id.as_str()) == Some(passes[1].as_str())
             && ids.contains(&second_snap.as_str())
@@ -482,7 +453,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     ));
 
     // Cutover: a final snapshot, an image and an instance; replication stops.
-    let v = command_ok(&cp, &["cutover", "--disk-id", "web-01"]);
+    let v = cp.command_ok(&["cutover", "--disk-id", "web-01"]);
     let launch = v["result"]["output"]["launch"].clone();
     assert_eq!(launch["test"], false);
     let cut_instance = launch["instance_id"].as_str().unwrap().to_string();
@@ -492,7 +463,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
         .unwrap()
         .to_string();
     assert_ne!(cut_image, test_image);
-    let disk = wait_disk(&cp, "web-01", "the disk paused after cutover", |d| {
+    let disk = cp.wait_disk("web-01", "the disk paused after cutover", |d| {
         d.state == DiskState::Paused
     });
     assert_eq!(disk.phase, DiskPhase::CutOver);
@@ -526,7 +497,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
         .to_string(),
     )
     .unwrap();
-    let v = command_ok(&cp, &["collect-diagnostics", "--gateway", &gw_id]);
+    let v = cp.command_ok(&["collect-diagnostics", "--gateway", &gw_id]);
     let bundle: DiagnosticsBundle =
         serde_json::from_value(v["result"]["output"]["diagnostics"].clone()).unwrap();
     assert_eq!(bundle.bucket.as_deref(), Some(DIAG_BUCKET), "{bundle:?}");
@@ -579,7 +550,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     ));
 
     // Finalize: the staging disk is detached and deleted; snapshots, images, instances stay.
-    command_ok(&cp, &["finalize", "--disk-id", "web-01"]);
+    cp.command_ok(&["finalize", "--disk-id", "web-01"]);
     assert!(
         !device.exists(),
         "udev emulation removed the device on detach"

@@ -33,7 +33,7 @@ use ec2_proxy::{Fault, FaultProxy};
 use proc_net::connected_peers;
 use sync_aws::testing::{FakeImds, FakeImdsConfig};
 use sync_aws::{AwsSettings, Ec2, Imds, InstanceId, LaunchSpec};
-use sync_gateway::api::{CommandState, DiskPhase, DiskState, DiskStatus};
+use sync_gateway::api::{CommandState, DiskPhase, DiskState};
 
 const MIB: u64 = 1 << 20;
 const REGION: &str = "us-east-1";
@@ -180,32 +180,6 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// One line per lifecycle step (scripts/e2e-aws shows them).
-fn step(what: &str) {
-    eprintln!("==> {what}");
-}
-
-fn command_ok(cp: &ControlPlane, args: &[&str]) -> serde_json::Value {
-    let v = cp.cli_json(args);
-    assert_eq!(v["state"], "succeeded", "{args:?}: {v}");
-    v
-}
-
-fn wait_disk(
-    cp: &ControlPlane,
-    disk: &str,
-    what: &str,
-    ok: impl Fn(&DiskStatus) -> bool,
-) -> DiskStatus {
-    wait_for(Duration::from_secs(120), what, || {
-        cp.disk(disk).filter(|d| ok(d))
-    })
-}
-
-fn tag<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-    v["tags"][key].as_str()
-}
-
 fn by_disk<'a>(items: &'a serde_json::Value, disk: &str) -> Vec<&'a serde_json::Value> {
     items
         .as_array()
@@ -270,7 +244,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     let cmd = cp.assign(&gw_id, "web-01", size, &key);
     let done = cp.wait_command(&cmd, Duration::from_secs(180));
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
-    let disk = wait_disk(&cp, "web-01", "the volume id in the status", |d| {
+    let disk = cp.wait_disk("web-01", "the volume id in the status", |d| {
         d.volume_id.is_some()
     });
     let volume = disk.volume_id.unwrap();
@@ -309,7 +283,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     let first_snap = run.str("snapshot_id");
     assert!(first_snap.starts_with("snap-"), "{first_snap}");
     assert_device_holds(&device, &src, "the staging volume after the first pass");
-    let disk = wait_disk(&cp, "web-01", "the retaken snapshot to complete", |d| {
+    let disk = cp.wait_disk("web-01", "the retaken snapshot to complete", |d| {
         d.state == DiskState::Continuous
             && d.snapshots
                 .iter()
@@ -342,22 +316,19 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     assert_eq!(cloud_status.region, REGION);
 
     // A retention policy of one bucket: each checkpoint prunes the one before.
-    command_ok(
-        &cp,
-        &[
-            "policy",
-            "set",
-            "--gateway",
-            &gw_id,
-            "--retention",
-            "1000000000:1000000000",
-        ],
-    );
+    cp.command_ok(&[
+        "policy",
+        "set",
+        "--gateway",
+        &gw_id,
+        "--retention",
+        "1000000000:1000000000",
+    ]);
     // A restart finds the same volume again (by its client-token tag and attachment) and the
     // next pass is incremental.
     assert_eq!(gw.terminate(Duration::from_secs(30)).code(), Some(0));
     let mut gw = Gateway::start(&config, &t.path("gateway.toml"), &t.path("gateway-2.log"));
-    let disk = wait_disk(&cp, "web-01", "the disk back after the restart", |d| {
+    let disk = cp.wait_disk("web-01", "the disk back after the restart", |d| {
         d.state == DiskState::Continuous && d.volume_id.as_deref() == Some(volume.as_str())
     });
     assert_eq!(disk.durable_seq, run.u64("checkpoint_seq"), "{disk:?}");
@@ -381,7 +352,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     run.expect_verified();
     let second_snap = run.str("snapshot_id");
     assert_device_holds(&device, &src, "the staging volume after the second pass");
-    let disk = wait_disk(&cp, "web-01", "pruning of the first checkpoint", |d| {
+    let disk = cp.wait_disk("web-01", "pruning of the first checkpoint", |d| {
         d.state == DiskState::Continuous
             && d.snapshots.iter().all(|s| s.id == second_snap)
             && !d.snapshots.is_empty()
@@ -404,7 +375,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     ));
     // Test launch from the latest checkpoint: an AMI whose root is that snapshot, UEFI (the
     // source's partition table), ENA; an instance from it.
-    let v = command_ok(&cp, &["cutover", "--test", "--disk-id", "web-01"]);
+    let v = cp.command_ok(&["cutover", "--test", "--disk-id", "web-01"]);
     let test_launch = v["result"]["output"]["launch"].clone();
     let test_instance = test_launch["instance_id"].as_str().unwrap().to_string();
     let test_image = test_launch["image_id"].as_str().unwrap().to_string();
@@ -456,7 +427,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         passes.push(run.str("snapshot_id"));
     }
     let third = passes[0].clone();
-    let disk = wait_disk(&cp, "web-01", "pruning around the in-use snapshot", |d| {
+    let disk = cp.wait_disk("web-01", "pruning around the in-use snapshot", |d| {
         let ids: Vec<&str> = d.snapshots.iter().map(|s| s.id.as_str()).collect();
         d.last_checkpoint.as_ref().map(|c| c.snapshot_id.as_str()) == Some(passes[1].as_str())
             && ids.contains(&second_snap.as_str())
@@ -472,7 +443,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     ));
 
     // Cutover: a final snapshot at the checkpoint, an AMI and an instance, replication stopped.
-    let v = command_ok(&cp, &["cutover", "--disk-id", "web-01"]);
+    let v = cp.command_ok(&["cutover", "--disk-id", "web-01"]);
     let launch = v["result"]["output"]["launch"].clone();
     assert_eq!(launch["test"], false);
     let cut_instance = launch["instance_id"].as_str().unwrap().to_string();
@@ -480,7 +451,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         .as_str()
         .unwrap()
         .to_string();
-    let disk = wait_disk(&cp, "web-01", "the disk paused after cutover", |d| {
+    let disk = cp.wait_disk("web-01", "the disk paused after cutover", |d| {
         d.state == DiskState::Paused
     });
     assert_eq!(disk.phase, DiskPhase::CutOver);
@@ -511,7 +482,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         "cutover: final snapshot {cut_snap}, instance {cut_instance}; replication stopped"
     ));
     // Finalize: the staging volume is detached and deleted; snapshots, AMIs and instances stay.
-    command_ok(&cp, &["finalize", "--disk-id", "web-01"]);
+    cp.command_ok(&["finalize", "--disk-id", "web-01"]);
     assert!(
         !device.exists(),
         "udev emulation removed the device on detach"

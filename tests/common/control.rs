@@ -340,6 +340,25 @@ impl ControlPlane {
         })
     }
 
+    /// A CLI command that waits for its command, which must have succeeded; its JSON view.
+    pub fn command_ok(&self, args: &[&str]) -> serde_json::Value {
+        let v = self.cli_json(args);
+        assert_eq!(v["state"], "succeeded", "{args:?}: {v}");
+        v
+    }
+
+    /// Disk `disk`'s status once `ok` holds for it (panics after two minutes).
+    pub fn wait_disk(
+        &self,
+        disk: &str,
+        what: &str,
+        ok: impl Fn(&sync_gateway::api::DiskStatus) -> bool,
+    ) -> sync_gateway::api::DiskStatus {
+        poll(Duration::from_secs(120), what, || {
+            self.disk(disk).filter(|d| ok(d))
+        })
+    }
+
     /// SIGKILL (a crash); [`ControlPlane::start_again`] brings it back on the same state dir.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

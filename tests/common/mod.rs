@@ -1182,3 +1182,13 @@ pub fn policy_actions(file: &str, version: &str) -> std::collections::BTreeSet<S
     }
     out
 }
+
+/// One line per step of an end-to-end test (the `scripts/e2e-*` scripts show them).
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// Tag `key` of a resource as the cloud views (tests/*_view.py) print them.
+pub fn tag<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v["tags"][key].as_str()
+}
