@@ -206,12 +206,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
     ));
 
     // Registration carries the identity document and its PKCS#7 signature from metadata.
-    let view = cp
-        .status()
-        .gateways
-        .into_iter()
-        .find(|g| g.gateway_id == gw_id)
-        .unwrap();
+    let view = cp.gateway(&gw_id);
     let identity = view
         .identity
         .expect("identity document in the registration");
@@ -318,10 +313,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
         .unwrap();
     assert_eq!(snap_req.params.get("DiskId"), Some(&disk_id));
     let cloud_status = wait_for(Duration::from_secs(30), "cloud status", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find_map(|g| g.status.and_then(|s| s.cloud))
+        cp.cloud_status()
             .filter(|c| c.snapshots_retried >= 1 && c.api_retries >= 3 && c.api_throttled >= 2)
     });
     assert_eq!(cloud_status.provider, "aliyun");
@@ -643,10 +635,7 @@ fn aliyun_lifecycle_through_the_real_binaries() {
 
     // The faults after the restart were answered and retried; the status counted them.
     let cloud_status = wait_for(Duration::from_secs(30), "retries in the status", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find_map(|g| g.status.and_then(|s| s.cloud))
+        cp.cloud_status()
             .filter(|c| c.api_retries >= 3 && c.api_throttled >= 2)
     });
     step(&format!(

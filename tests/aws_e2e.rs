@@ -210,12 +210,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
     ));
 
     // Registration carries the signed identity document from IMDS.
-    let view = cp
-        .status()
-        .gateways
-        .into_iter()
-        .find(|g| g.gateway_id == gw_id)
-        .unwrap();
+    let view = cp.gateway(&gw_id);
     let identity = view
         .identity
         .expect("identity document in the registration");
@@ -302,11 +297,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         .id
         .clone();
     let cloud_status = wait_for(Duration::from_secs(30), "cloud status", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find_map(|g| g.status.and_then(|s| s.cloud))
-            .filter(|c| c.snapshots_retried >= 1)
+        cp.cloud_status().filter(|c| c.snapshots_retried >= 1)
     });
     step(&format!(
         "first pass replicated and verified; snapshot {first_snap} failed in EC2, retaken as \
@@ -549,10 +540,7 @@ fn aws_lifecycle_through_the_real_binaries_with_throttling() {
         cloud.proxy.injected()
     );
     let cloud_status = wait_for(Duration::from_secs(30), "retries in the status", || {
-        cp.status()
-            .gateways
-            .into_iter()
-            .find_map(|g| g.status.and_then(|s| s.cloud))
+        cp.cloud_status()
             .filter(|c| c.api_retries >= 5 && c.api_throttled >= 1)
     });
     step(&format!(

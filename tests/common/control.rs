@@ -340,6 +340,23 @@ impl ControlPlane {
         })
     }
 
+    /// Gateway `id` as the control plane shows it (panics if unknown).
+    pub fn gateway(&self, id: &str) -> sync_gateway::api::GatewayView {
+        self.status()
+            .gateways
+            .into_iter()
+            .find(|g| g.gateway_id == id)
+            .unwrap_or_else(|| panic!("gateway {id} in the control plane's status"))
+    }
+
+    /// The `cloud` block of the first gateway that reported one.
+    pub fn cloud_status(&self) -> Option<sync_gateway::api::CloudStatus> {
+        self.status()
+            .gateways
+            .into_iter()
+            .find_map(|g| g.status.and_then(|s| s.cloud))
+    }
+
     /// A CLI command that waits for its command, which must have succeeded; its JSON view.
     pub fn command_ok(&self, args: &[&str]) -> serde_json::Value {
         let v = self.cli_json(args);
