@@ -1,9 +1,10 @@
-//! [`AwsError`]: one error type for every EC2 call, carrying what an operator needs (the
+//! [`AwsError`]: one error type for every EC2 and EBS direct call, carrying what an operator needs (the
 //! operation, AWS's error code and message, the request id for AWS support) and what the
 //! retry loop needs (the [`ErrorKind`]).
 //!
 //! EC2 models no error shapes, so classification branches on the `code()` string from
-//! `ProvideErrorMetadata`. Plain `Display` of an SDK error says only "service error", so the
+//! `ProvideErrorMetadata` (EBS's modeled errors have codes too: `RequestThrottledException`,
+//! `ResourceNotFoundException`, …, classified the same way). Plain `Display` of an SDK error says only "service error", so the
 //! non-service cases (timeouts, dispatch failures) keep `DisplayErrorContext`'s full chain.
 
 use std::error::Error as StdError;
@@ -22,7 +23,8 @@ pub enum ErrorKind {
     /// The resource does not exist (`InvalidVolume.NotFound`, …). Right after a create this is
     /// eventual consistency and retried for a short window.
     NotFound,
-    /// The instance role may not do `action` (e.g. `ec2:CreateVolume`): fix the IAM policy.
+    /// The credentials (the gateway's instance role, an operator's user) may not do `action`
+    /// (e.g. `ec2:CreateVolume`): fix the IAM policy.
     AccessDenied { action: String },
     /// The request is wrong for the resource's state or parameters; retrying will not help.
     Invalid,
@@ -60,7 +62,7 @@ impl fmt::Display for AwsError {
         match &self.kind {
             ErrorKind::AccessDenied { action } => write!(
                 f,
-                "{}: access denied: the instance role lacks {action}",
+                "{}: access denied: the IAM policy of these credentials lacks {action}",
                 self.op
             )?,
             _ => write!(f, "{} failed", self.op)?,
@@ -175,12 +177,15 @@ const THROTTLE_CODES: &[&str] = &[
     "SlowDown",
     "EC2ThrottledException",
     "BandwidthLimitExceeded",
+    // EBS direct: too many StartSnapshot calls in flight for the account.
+    "ConcurrentLimitExceededException",
 ];
 
 /// Server-side codes worth retrying: the request was not executed, or can be repeated.
 const TRANSIENT_CODES: &[&str] = &[
     "InternalError",
     "InternalFailure",
+    "InternalServerException",
     "ServiceUnavailable",
     "Unavailable",
     "RequestTimeout",
@@ -210,8 +215,9 @@ pub fn classify(op: &str, code: Option<&str>, status: Option<u16>) -> ErrorKind 
             };
         }
         // InvalidVolume.NotFound, InvalidSnapshot.NotFound, InvalidInstanceID.NotFound,
-        // InvalidAMIID.NotFound, InvalidLaunchTemplateId.NotFound, …
-        if code.ends_with(".NotFound") || code.ends_with("NotFound") {
+        // InvalidAMIID.NotFound, InvalidLaunchTemplateId.NotFound, … and EBS's
+        // ResourceNotFoundException.
+        if code.ends_with("NotFound") || code.ends_with("NotFoundException") {
             return ErrorKind::NotFound;
         }
         if code.starts_with("Invalid")
@@ -224,6 +230,8 @@ pub fn classify(op: &str, code: Option<&str>, status: Option<u16>) -> ErrorKind 
                     | "VolumeInUse"
                     | "IdempotentParameterMismatch"
                     | "ValidationError"
+                    | "ValidationException"
+                    | "ConflictException"
                     | "UnsupportedOperation"
                     | "OptInRequired"
             )
@@ -301,6 +309,43 @@ mod tests {
         assert_eq!(
             classify("ec2:AttachVolume", Some("Weird"), Some(400)),
             ErrorKind::Other
+        );
+    }
+
+    #[test]
+    fn ebs_direct_codes_are_classified() {
+        let put = "ebs:PutSnapshotBlock";
+        assert_eq!(
+            classify(put, Some("RequestThrottledException"), Some(400)),
+            ErrorKind::Throttled
+        );
+        assert_eq!(
+            classify(
+                "ebs:StartSnapshot",
+                Some("ConcurrentLimitExceededException"),
+                Some(400)
+            ),
+            ErrorKind::Throttled
+        );
+        assert_eq!(
+            classify(put, Some("InternalServerException"), Some(500)),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(put, Some("ResourceNotFoundException"), Some(404)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            classify(put, Some("ValidationException"), Some(400)),
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            classify("ebs:StartSnapshot", Some("ConflictException"), Some(409)),
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            classify(put, Some("AccessDeniedException"), Some(403)),
+            ErrorKind::AccessDenied { action: put.into() }
         );
     }
 

@@ -1,4 +1,4 @@
-//! Our retry loop around EC2 calls. The SDK's own retries are disabled (see `ec2.rs`) so that
+//! Our retry loop around EC2 and EBS direct calls. The SDK's own retries are disabled (see `ec2.rs`) so that
 //! every retry is counted in [`RetryStats`], which the gateway reports in its status, and so
 //! that eventual consistency after a create can be tolerated, which the SDK does not do.
 //!
@@ -61,7 +61,7 @@ impl RetryPolicy {
 /// status.
 pub use sync_common::retry::{RetryStats, RetryStatsSnapshot};
 
-/// Runs one EC2 call with retries.
+/// Runs one EC2 or EBS call with retries (both SDKs share smithy's `SdkError`).
 #[derive(Debug)]
 pub(crate) struct Retrier {
     pub(crate) policy: RetryPolicy,
@@ -92,7 +92,7 @@ impl Retrier {
             match self.next_delay(&err, retry, not_found_until) {
                 Some(delay) => {
                     tracing::warn!(op, code = ?err.code, request_id = ?err.request_id, retry = retry + 1,
-                        delay_ms = delay.as_millis() as u64, "EC2 call failed, retrying: {err}");
+                        delay_ms = delay.as_millis() as u64, "AWS call failed, retrying: {err}");
                     self.stats.record(err.kind == ErrorKind::Throttled, &err);
                     tokio::time::sleep(delay).await;
                     retry += 1;

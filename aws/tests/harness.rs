@@ -7,38 +7,14 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::moto::Moto;
 use common::proxy::FaultProxy;
-use common::{client, gateway_instance, tags, REGION};
+use common::{client, gateway_instance, tags, Scratch, REGION};
 use sync_aws::{RetryStatsSnapshot, SnapshotFilter, SnapshotState, VolumeState};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A private directory, removed on drop (no tempfile crate here: a new dev-dependency could
-/// change shared dependencies' features and recompile aws-sdk-ec2).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("sync-aws-{name}-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn entries(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)

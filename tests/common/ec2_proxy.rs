@@ -8,7 +8,9 @@
 //! - it plays udev ([`FaultProxy::with_udev`]): an attached volume appears in a by-id directory
 //!   under the name the NVMe driver gives EBS volumes, and disappears on detach;
 //! - it reports chosen snapshots as `error` ([`FaultProxy::fail_snapshot`]): moto's snapshots
-//!   are born `completed`, real ones sometimes fail.
+//!   are born `completed`, real ones sometimes fail;
+//! - it tags registered images ([`FaultProxy::with_image_tags`]): moto's RegisterImage drops
+//!   the request's TagSpecifications, which EC2 applies at creation.
 //!
 //! Everything it listens on and talks to is on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses a different part
@@ -21,6 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -110,6 +113,8 @@ struct State {
     udev: Mutex<Option<Udev>>,
     udev_errors: Mutex<Vec<String>>,
     snapshots: Mutex<SnapshotFaults>,
+    /// Apply RegisterImage's image tags with CreateTags (see [`FaultProxy::with_image_tags`]).
+    image_tags: AtomicBool,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -149,6 +154,7 @@ impl FaultProxy {
             udev: Mutex::new(None),
             udev_errors: Mutex::new(Vec::new()),
             snapshots: Mutex::new(SnapshotFaults::default()),
+            image_tags: AtomicBool::new(false),
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         });
         let st = state.clone();
@@ -211,6 +217,16 @@ impl FaultProxy {
             by_id: by_id_dir,
             store,
         });
+        self
+    }
+
+    /// Makes registered images carry their tags: moto's RegisterImage keeps only name and
+    /// description, so when moto accepts one, the proxy sends moto a CreateTags with the
+    /// request's `image` TagSpecifications before relaying the answer, as EC2 would have
+    /// tagged the image at creation. (Block device mappings, boot mode and ENA stay lost in
+    /// moto: assert them on the recorded request.)
+    pub fn with_image_tags(self) -> Self {
+        self.state.image_tags.store(true, Ordering::Relaxed);
         self
     }
 
@@ -394,6 +410,10 @@ impl State {
                 "DetachVolume" => self.udev_remove(volume, false),
                 "DeleteVolume" => self.udev_remove(volume, true),
                 "CreateSnapshot" => self.snapshot_created(&body),
+                "RegisterImage" if self.image_tags.load(Ordering::Relaxed) => {
+                    self.tag_registered_image(&body, params, &parts.headers)
+                        .await
+                }
                 "DescribeSnapshots" => {
                     if let Some(rewritten) = self.rewrite_failed_snapshots(&body) {
                         body = Bytes::from(rewritten);
@@ -469,6 +489,69 @@ impl State {
             .ok_or_else(|| format!("no size of {volume} in DescribeVolumes: {xml}"))?;
         size.parse()
             .map_err(|_| format!("size {size:?} of {volume} is not a number"))
+    }
+
+    /// CreateTags on the image moto just registered, with the request's image tags.
+    async fn tag_registered_image(
+        &self,
+        body: &[u8],
+        params: &HashMap<String, String>,
+        headers: &HeaderMap,
+    ) {
+        let xml = String::from_utf8_lossy(body);
+        let Some(root) = elements(&xml, 0..xml.len()).into_iter().next() else {
+            return;
+        };
+        let Some(image) = child_text(&xml, root.inner, "imageId") else {
+            return;
+        };
+        let mut form = vec![
+            ("Action".to_string(), "CreateTags".to_string()),
+            ("Version".to_string(), "2016-11-15".to_string()),
+            ("ResourceId.1".to_string(), image.to_string()),
+        ];
+        let mut n = 0;
+        for spec in 1.. {
+            let Some(kind) = params.get(&format!("TagSpecification.{spec}.ResourceType")) else {
+                break;
+            };
+            if kind != "image" {
+                continue;
+            }
+            for tag in 1.. {
+                let key = params.get(&format!("TagSpecification.{spec}.Tag.{tag}.Key"));
+                let value = params.get(&format!("TagSpecification.{spec}.Tag.{tag}.Value"));
+                let Some(key) = key else { break };
+                n += 1;
+                form.push((format!("Tag.{n}.Key"), key.clone()));
+                form.push((format!("Tag.{n}.Value"), value.cloned().unwrap_or_default()));
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        let body: Vec<String> = form
+            .iter()
+            .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+            .collect();
+        let mut req = Request::post(format!("{}/", self.upstream)).header(
+            CONTENT_TYPE,
+            "application/x-www-form-urlencoded; charset=utf-8",
+        );
+        // moto does not check signatures but takes the region from the credential scope.
+        if let Some(auth) = headers.get(AUTHORIZATION) {
+            req = req.header(AUTHORIZATION, auth);
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body.join("&")))).unwrap())
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "fault proxy: CreateTags on {image} failed: HTTP {}",
+            resp.status()
+        );
     }
 
     fn snapshot_created(&self, body: &[u8]) {
@@ -551,6 +634,18 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Percent-encodes a form value: unreserved characters as they are, every other byte `%XX`.
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// An injected error, answered as EC2 would, with a request id the test can recognize.

@@ -28,29 +28,21 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_ec2::config::retry::RetryConfig;
-use aws_sdk_ec2::config::timeout::TimeoutConfig;
-use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
+use aws_sdk_ec2::config::{BehaviorVersion, Region, SharedCredentialsProvider};
 use aws_sdk_ec2::primitives::DateTime;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use tokio::time::Instant;
 
 use crate::config::AwsSettings;
 use crate::error::ConnectError;
 use crate::imds::Imds;
 use crate::retry::{Retrier, RetryPolicy, RetryStats};
+use crate::sdk::{self, StaticCredentials};
 
 /// Tag put on everything this crate creates; the IAM policy keys its conditions on it.
 pub const MANAGED_TAG_KEY: &str = "sync-gateway:managed";
 /// Value of [`MANAGED_TAG_KEY`].
 pub const MANAGED_TAG_VALUE: &str = "true";
-
-/// TCP connect timeout to the EC2 endpoint: the regional endpoint answers a SYN in
-/// milliseconds; 5 s only fails a path that is really broken (and the call is retried).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Per-attempt timeout: EC2 calls answer in well under a second; a DescribeSnapshots page of
-/// 1000 snapshots takes a few seconds. 60 s bounds a hung connection, then we retry.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// EC2 client of the gateway's `aws` backend.
 #[derive(Debug, Clone)]
@@ -64,6 +56,8 @@ pub struct Ec2 {
     fresh: Arc<Mutex<HashMap<String, Instant>>>,
     /// Serializes "choose a free device name, attach" so two disks never pick the same one.
     attach_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Whether what this client creates carries [`MANAGED_TAG_KEY`] (see [`Ec2::unmarked`]).
+    marked: bool,
 }
 
 impl Ec2 {
@@ -88,37 +82,45 @@ impl Ec2 {
             return Err(ConnectError::HalfCredentials);
         }
         let credentials = match settings.static_credentials() {
-            Some((ak, sk, token)) => SharedCredentialsProvider::new(Credentials::new(
-                ak,
-                sk,
-                token.map(str::to_owned),
-                None,
-                "sync-aws-static",
-            )),
+            Some((ak, sk, token)) => sdk::static_provider(&StaticCredentials {
+                access_key_id: ak.to_owned(),
+                secret_access_key: sk.to_owned(),
+                session_token: token.map(str::to_owned),
+            }),
             None => SharedCredentialsProvider::new(imds.credentials_provider()),
         };
-        // One hyper-1 + rustls(ring) client; plain http:// endpoints (moto) work too.
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .build_https();
+        Ok(Self::build(settings, region, credentials))
+    }
+
+    /// A client with `credentials` rather than the settings' or the instance profile's: for
+    /// tools run by an operator (`sync-aws-image`), which never ask a metadata service.
+    /// Touches no network.
+    pub fn with_credentials(
+        settings: &AwsSettings,
+        region: String,
+        credentials: &StaticCredentials,
+    ) -> Self {
+        Self::build(settings, region, sdk::static_provider(credentials))
+    }
+
+    fn build(
+        settings: &AwsSettings,
+        region: String,
+        credentials: SharedCredentialsProvider,
+    ) -> Self {
         let mut config = aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(region.clone()))
             .credentials_provider(credentials)
-            .http_client(http)
+            .http_client(sdk::http_client())
             // Our own loop retries (counted, visible, consistency-aware): the SDK makes one
             // attempt per call.
             .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                    .build(),
-            );
+            .timeout_config(sdk::timeouts());
         if let Some(url) = &settings.endpoint_url {
             config = config.endpoint_url(url.clone());
         }
-        Ok(Self {
+        Self {
             client: aws_sdk_ec2::Client::from_conf(config.build()),
             settings: Arc::new(settings.clone()),
             region,
@@ -128,7 +130,16 @@ impl Ec2 {
             }),
             fresh: Arc::default(),
             attach_lock: Arc::default(),
-        })
+            marked: true,
+        }
+    }
+
+    /// What this client creates no longer carries [`MANAGED_TAG_KEY`]: for the appliance
+    /// publisher, whose AMI and snapshot are not the gateway's. The gateway's IAM policy lets
+    /// it delete and launch from what carries the tag; its own appliance image must not.
+    pub fn unmarked(mut self) -> Self {
+        self.marked = false;
+        self
     }
 
     /// Replaces the retry policy (tests use short backoffs).
@@ -188,11 +199,14 @@ impl Ec2 {
             .map(|at| *at + self.retrier.policy.not_found_window)
     }
 
-    /// Settings tags, then `extra` (wins on a clash), then the managed marker.
+    /// Settings tags, then `extra` (wins on a clash), then the managed marker (unless
+    /// [`Ec2::unmarked`]).
     fn merged_tags(&self, extra: &BTreeMap<String, String>) -> Vec<Tag> {
         let mut all = self.settings.tags.clone();
         all.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-        all.insert(MANAGED_TAG_KEY.to_owned(), MANAGED_TAG_VALUE.to_owned());
+        if self.marked {
+            all.insert(MANAGED_TAG_KEY.to_owned(), MANAGED_TAG_VALUE.to_owned());
+        }
         all.into_iter()
             .map(|(k, v)| Tag::builder().key(k).value(v).build())
             .collect()

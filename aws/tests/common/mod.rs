@@ -1,15 +1,19 @@
-//! Test harness of the sync-aws tests: moto, a fault proxy, client settings for both.
+//! Test harness of the sync-aws tests: moto, fault proxies for EC2 and EBS, client settings,
+//! scratch directories.
 #![allow(dead_code)] // each test binary uses a different part
 #![allow(clippy::unwrap_used)]
 
 // Shared with the gateway's end-to-end AWS test, which includes the same files.
+pub mod ebs_proxy;
 #[path = "../../../tests/common/moto.rs"]
 pub mod moto;
 #[path = "../../../tests/common/ec2_proxy.rs"]
 pub mod proxy;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sync_aws::{AwsSettings, Ec2, Imds, InstanceId, LaunchSpec, RetryPolicy};
 
@@ -67,4 +71,27 @@ pub fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// A private directory, removed on drop (no tempfile crate here: a new dev-dependency could
+/// change shared dependencies' features and recompile aws-sdk-ec2).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("sync-aws-{name}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

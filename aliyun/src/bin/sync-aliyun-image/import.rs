@@ -6,35 +6,19 @@ use std::time::{Duration, Instant};
 use sync_aliyun::ecs::{EcsClient, EcsConfig, Filter, Image, ImportImage, Tag};
 use sync_aliyun::oss::{OssClient, OssConfig, PutOptions, PutResult};
 use sync_aliyun::Credentials;
+use sync_common::publish::{self as shared, PollPause, DIGEST_TAG};
 
 use super::{
-    chain, check_image_name, check_object_key, client_token, note, sniff_format, Format,
-    ImageError, ImportArgs, MIB,
+    check_image_name, check_object_key, client_token, note, Format, ImageError, ImportArgs, MIB,
 };
-
-/// Tag of an imported image: the SHA-256 of the file it was imported from, so a rerun with a
-/// rebuilt file under the same name fails instead of answering the old image.
-const DIGEST_TAG: &str = "sync-gateway:image-sha256";
 
 /// SHA-256 of a file, in hex (read in 1 MiB blocks off the async threads).
 async fn file_sha256(path: &std::path::Path) -> Result<String, ImageError> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
     let path = path.to_path_buf();
     let shown = path.display().to_string();
-    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut f = std::fs::File::open(&path)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                return Ok(hex::encode(h.finalize()));
-            }
-            h.update(&buf[..n]);
-        }
-    })
-    .await;
+    let hashed =
+        tokio::task::spawn_blocking(move || shared::hash_file(&path, MIB as usize, |_, _| {}))
+            .await;
     match hashed {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(ImageError::Failed(format!("cannot read {shown}: {e}"))),
@@ -42,11 +26,6 @@ async fn file_sha256(path: &std::path::Path) -> Result<String, ImageError> {
     }
 }
 
-/// First pause between DescribeImages polls; each next one is 1.5 times longer.
-const POLL_FIRST: Duration = Duration::from_millis(250);
-/// Longest pause: imports take 5–30 minutes, and 10 s keeps the calls to a few hundred per
-/// import, far inside ECS's per-account API quota, while noticing `Available` promptly.
-const POLL_CAP: Duration = Duration::from_secs(10);
 /// How long a new image may be missing from DescribeImages: ECS lists it within seconds.
 const LISTING_GRACE: Duration = Duration::from_secs(60);
 /// Pause between progress lines on stderr.
@@ -107,7 +86,8 @@ impl Plan {
                 )))
             }
         };
-        let found = sniff_format(&mut f, size)
+        let found = shared::sniff_format(&mut f, size)
+            .map(Format::sniffed)
             .map_err(|e| usage(format!("--file {}: {e}", file.display())))?;
         if found != format {
             return Err(usage(format!(
@@ -242,7 +222,7 @@ impl Plan {
                 // The image is made; a leftover object costs storage, not correctness.
                 note(&format!(
                     "warning: could not delete {object}: {}; delete it by hand",
-                    chain(&e)
+                    shared::error_chain(&e)
                 ));
                 format!("{object} NOT deleted")
             }
@@ -332,7 +312,7 @@ impl Plan {
     async fn wait_available(&self, ecs: &EcsClient, image_id: &str) -> Result<Image, ImageError> {
         let timeout = Duration::from_secs(self.args.timeout_secs);
         let started = Instant::now();
-        let mut pause = POLL_FIRST;
+        let mut pause = PollPause::default();
         let mut last_seen = String::new();
         loop {
             let found = ecs
@@ -382,8 +362,7 @@ impl Plan {
                     }
                 )));
             }
-            tokio::time::sleep(pause.min(timeout.saturating_sub(elapsed))).await;
-            pause = pause.mul_f64(1.5).min(POLL_CAP);
+            tokio::time::sleep(pause.take().min(timeout.saturating_sub(elapsed))).await;
         }
     }
 }

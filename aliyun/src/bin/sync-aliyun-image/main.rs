@@ -31,16 +31,14 @@
 //! Here: the command line, the checks made before anything is sent, errors and exit status;
 //! in [`import`]: the run against OSS and ECS.
 
-use std::io::{IsTerminal, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sha2::{Digest, Sha256};
 use sync_aliyun::ecs::{EcsError, ErrorKind, Tag};
 use sync_aliyun::oss::OssError;
 use sync_aliyun::Credentials;
-use tracing_subscriber::EnvFilter;
+use sync_common::publish::{self as shared, ImageFormat, USAGE_EXIT};
 
 use import::Plan;
 
@@ -139,6 +137,14 @@ impl Format {
         }
     }
 
+    fn sniffed(found: ImageFormat) -> Self {
+        match found {
+            ImageFormat::Raw => Format::Raw,
+            ImageFormat::Qcow2 => Format::Qcow2,
+            ImageFormat::Vhd => Format::Vhd,
+        }
+    }
+
     fn from_extension(path: &Path) -> Option<Self> {
         let ext = path.extension()?.to_str()?.to_ascii_lowercase();
         match ext.as_str() {
@@ -208,7 +214,7 @@ impl ImageError {
 
     fn exit_code(&self) -> ExitCode {
         match self {
-            ImageError::Usage(_) => ExitCode::from(2),
+            ImageError::Usage(_) => ExitCode::from(USAGE_EXIT),
             _ => ExitCode::FAILURE,
         }
     }
@@ -237,35 +243,12 @@ impl ImageError {
     }
 }
 
-/// The error and its causes, each once.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match shared::parse_args() {
         Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version print to stdout and succeed; the rest are usage errors.
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    init_logging();
+    shared::init_logging("SYNC_ALIYUN_IMAGE_LOG");
     let Command::Import(args) = cli.command;
     match run(args) {
         Ok(image_id) => {
@@ -273,25 +256,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{NAME}: error: {}", chain(&e));
+            eprintln!("{NAME}: error: {}", shared::error_chain(&e));
             if let Some(hint) = e.hint() {
                 eprintln!("{NAME}: hint: {hint}");
             }
             e.exit_code()
         }
     }
-}
-
-fn init_logging() {
-    // The clients log their retries (throttling, transient failures) as warnings.
-    let filter =
-        EnvFilter::try_from_env("SYNC_ALIYUN_IMAGE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
 }
 
 fn run(args: ImportArgs) -> Result<String, ImageError> {
@@ -330,10 +301,7 @@ fn credentials_from_env() -> Result<Credentials, ImageError> {
 }
 
 fn parse_tag(s: &str) -> Result<Tag, String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok(Tag::new(k, v)),
-        _ => Err(format!("{s:?} is not KEY=VALUE with a non-empty KEY")),
-    }
+    shared::parse_tag(s).map(|(k, v)| Tag::new(k, v))
 }
 
 /// ECS's rule for image names: 2–128 characters, a letter first, then letters, digits and
@@ -365,34 +333,10 @@ fn check_object_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// What the file's first and last bytes say it is: a qcow2 header starts with `QFI\xfb`; a
-/// VHD ends with a 512-byte footer starting `conectix`; anything else is taken as raw.
-fn sniff_format(file: &mut std::fs::File, size: u64) -> std::io::Result<Format> {
-    let mut head = [0u8; 4];
-    if size >= 4 {
-        file.read_exact(&mut head)?;
-        if &head == b"QFI\xfb" {
-            return Ok(Format::Qcow2);
-        }
-    }
-    if size >= 512 {
-        let mut cookie = [0u8; 8];
-        file.seek(SeekFrom::Start(size - 512))?;
-        file.read_exact(&mut cookie)?;
-        if &cookie == b"conectix" {
-            return Ok(Format::Vhd);
-        }
-    }
-    Ok(Format::Raw)
-}
-
 /// The ImportImage `ClientToken` of an import: the same for the same region, image name and
 /// object, so a retried or rerun call answers the first image instead of making a second.
 fn client_token(region: &str, name: &str, bucket: &str, key: &str) -> String {
-    // NUL separates: arguments cannot contain it, so different inputs never join alike.
-    let digest = Sha256::digest(format!("{region}\0{name}\0{bucket}\0{key}"));
-    // 11 + 40 characters, inside ECS's 64-character limit.
-    format!("sync-image-{}", &hex::encode(digest)[..40])
+    shared::client_token(&[region, name, bucket, key])
 }
 
 fn note(line: &str) {
@@ -447,22 +391,5 @@ mod tests {
         assert!(t.len() <= 64 && t.is_ascii());
         assert_ne!(t, client_token("cn-hangzhou", "img", "b", "k2"));
         assert_ne!(t, client_token("cn-hangzhou", "im", "gb", "k"));
-    }
-
-    #[test]
-    fn content_is_sniffed() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sniff = |name: &str, bytes: &[u8]| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, bytes).expect("write");
-            let mut f = std::fs::File::open(&p).expect("open");
-            sniff_format(&mut f, bytes.len() as u64).expect("sniff")
-        };
-        assert_eq!(sniff("q", b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
-        let mut vhd = vec![0u8; 1024];
-        vhd[512..520].copy_from_slice(b"conectix");
-        assert_eq!(sniff("v", &vhd), Format::Vhd);
-        assert_eq!(sniff("r", &[0u8; 4096]), Format::Raw);
-        assert_eq!(sniff("tiny", b"x"), Format::Raw);
     }
 }
