@@ -64,14 +64,14 @@ EOF
     } >"$file"
 }
 
-# start_control STATE_DIR LOG : starts `sync-control serve` on a free loopback port, waits for
-# STATE_DIR/listen.addr. Sets CONTROL_PID, CONTROL_ADDR and CONTROL_URL.
+# start_control STATE_DIR LOG [LISTEN] : starts `sync-control serve` on LISTEN (default: a free
+# loopback port), waits for STATE_DIR/listen.addr. Sets CONTROL_PID, CONTROL_ADDR and CONTROL_URL.
 start_control() {
-    local state_dir=$1 log=$2
+    local state_dir=$1 log=$2 listen=${3:-127.0.0.1:0}
     mkdir -p "$state_dir"
     rm -f "$state_dir/listen.addr"
     # shellcheck disable=SC2153 # CONTROL_BIN is set by release_binaries
-    spawn "$CONTROL_BIN" serve --listen 127.0.0.1:0 --state-dir "$state_dir" --report-interval-secs 2 >>"$log" 2>&1
+    spawn "$CONTROL_BIN" serve --listen "$listen" --state-dir "$state_dir" --report-interval-secs 2 >>"$log" 2>&1
     CONTROL_PID=$SPAWNED_PID
     if ! wait_for_file "$state_dir/listen.addr" 20 "$CONTROL_PID"; then
         show_log_tail "$log"
