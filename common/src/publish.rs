@@ -171,6 +171,29 @@ impl PollPause {
     }
 }
 
+/// How a publisher ends: the image id alone on stdout and success, or the error's cause chain
+/// and its hint (if any) on stderr and the error's exit status.
+pub fn finish<E: std::error::Error>(
+    name: &str,
+    result: Result<String, E>,
+    hint: impl Fn(&E) -> Option<String>,
+    exit_code: impl Fn(&E) -> ExitCode,
+) -> ExitCode {
+    match result {
+        Ok(image_id) => {
+            println!("{image_id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: error: {}", error_chain(&e));
+            if let Some(hint) = hint(&e) {
+                eprintln!("{name}: hint: {hint}");
+            }
+            exit_code(&e)
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

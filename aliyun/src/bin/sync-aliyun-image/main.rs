@@ -250,19 +250,12 @@ fn main() -> ExitCode {
     };
     shared::init_logging("SYNC_ALIYUN_IMAGE_LOG");
     let Command::Import(args) = cli.command;
-    match run(args) {
-        Ok(image_id) => {
-            println!("{image_id}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{NAME}: error: {}", shared::error_chain(&e));
-            if let Some(hint) = e.hint() {
-                eprintln!("{NAME}: hint: {hint}");
-            }
-            e.exit_code()
-        }
-    }
+    shared::finish(
+        NAME,
+        run(args),
+        |e: &ImageError| e.hint().map(str::to_string),
+        ImageError::exit_code,
+    )
 }
 
 fn run(args: ImportArgs) -> Result<String, ImageError> {

@@ -198,19 +198,12 @@ fn main() -> ExitCode {
     };
     shared::init_logging("SYNC_AWS_IMAGE_LOG");
     let Command::Publish(args) = cli.command;
-    match run(args) {
-        Ok(image_id) => {
-            println!("{image_id}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{NAME}: error: {}", shared::error_chain(&e));
-            if let Some(hint) = e.hint() {
-                eprintln!("{NAME}: hint: {hint}");
-            }
-            e.exit_code()
-        }
-    }
+    shared::finish(
+        NAME,
+        run(args),
+        |e: &PublishError| e.hint(),
+        PublishError::exit_code,
+    )
 }
 
 fn run(args: PublishArgs) -> Result<String, PublishError> {
