@@ -181,29 +181,33 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
 
     // Session A: 8 MiB of data, a VERIFY checkpoint (whose copy takes ~8 s), then one more
     // write that the writer can only apply after the copy.
-    let (mut a, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(10));
+    let (mut a, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
     assert_eq!(w.durable_seq, 0);
     for i in 0..8u64 {
         a.put(&data(i + 1, i * MIB, &random(MIB as usize, i)));
     }
-    a.expect_ack(8, Duration::from_secs(10));
+    a.expect_ack(8, Duration::from_secs(30));
     a.put(&checkpoint(9, CHECKPOINT_VERIFY, "c1"));
     let target = 20 * MIB;
     a.put(&data(10, target, &[0xAA; 4096]));
     wait_until(
         "the checkpoint's snapshot to be initiated",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || !snapshot_states(&t.data_dir(), DISK).is_empty(),
     );
     std::thread::sleep(Duration::from_millis(200));
 
     // Session B (the agent reconnecting) supersedes A; A's writer misses the 1 s drain deadline.
-    let (mut b, w) = session_retrying(gw.addr, DISK, size, &key, Duration::from_secs(15));
+    // B is answered `Busy` until A's writer has finished the copy (~8 s), the digest and its
+    // queued write, so B retries as the agent does. The window only bounds a hung gateway: on a
+    // loaded 2-core CI machine the copy, the digest and an fdatasync took 10+ s, and a 15 s
+    // window (two 6 s server-side waits) failed there once.
+    let (mut b, w) = session_retrying(gw.addr, DISK, size, &key, Duration::from_secs(90));
     assert!(w.durable_seq >= 9, "B resumes after the checkpoint: {w:?}");
     let last = w.durable_seq + 2;
     b.put(&data(w.durable_seq + 1, target, &[0xBB; 4096]));
     b.put(&data(last, target, &[0xCC; 4096]));
-    b.expect_ack(last, Duration::from_secs(10));
+    b.expect_ack(last, Duration::from_secs(30));
     assert_eq!(
         read_at(&gw.volume(DISK), target, 4096),
         vec![0xCC; 4096],
@@ -215,7 +219,7 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
     // Once the copy ends, A's detached writer applies its queued seq 10.
     wait_until(
         "the snapshot copy to complete",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || {
             snapshot_states(&t.data_dir(), DISK)
                 .iter()
@@ -254,16 +258,16 @@ fn an_acked_snapshot_survives_a_crash_during_its_copy() {
         .disk(DISK, size, &t.key_path(DISK));
     let mut gw = Gateway::start(&cfg, &t.path("gw.toml"), &t.path("gw.log"));
 
-    let (mut a, _) = session(gw.addr, DISK, size, &key, Duration::from_secs(10));
+    let (mut a, _) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
     for i in 0..4u64 {
         a.put(&data(i + 1, i * MIB, &random(MIB as usize, 100 + i)));
     }
-    a.expect_ack(4, Duration::from_secs(10));
+    a.expect_ack(4, Duration::from_secs(30));
     a.put(&checkpoint(5, 0, "full-1"));
-    let snap = a.expect_checkpoint_ack(5, Duration::from_secs(10));
+    let snap = a.expect_checkpoint_ack(5, Duration::from_secs(30));
     // continuous replication goes on after the checkpoint
     a.put(&data(6, 0, &[0x55; 4096]));
-    a.expect_ack(6, Duration::from_secs(10));
+    a.expect_ack(6, Duration::from_secs(30));
     assert!(
         snapshot_states(&t.data_dir(), DISK)
             .iter()
@@ -274,7 +278,7 @@ fn an_acked_snapshot_survives_a_crash_during_its_copy() {
     drop(a);
 
     let gw = Gateway::start(&cfg, &t.path("gw.toml"), &t.path("gw2.log"));
-    let (_c, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(10));
+    let (_c, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
     assert_eq!(w.checkpoint_seq, 5, "{w:?}");
     assert_eq!(w.snapshot_id, snap, "{w:?}");
     wait_until(
@@ -382,14 +386,14 @@ fn a_failed_fdatasync_is_never_acked() {
     });
     let addr = addr.unwrap();
 
-    let (mut c, _) = session(addr, DISK, size, &key, Duration::from_secs(10));
+    let (mut c, _) = session(addr, DISK, size, &key, Duration::from_secs(30));
     c.put(&data(1, 0, &random(4096, 1)));
-    c.expect_ack(1, Duration::from_secs(10));
+    c.expect_ack(1, Duration::from_secs(30));
     // The next fdatasync of the volume fails with EIO.
     std::fs::write(t.data_dir().join("FAIL_FDATASYNC"), b"").unwrap();
     c.put(&data(2, 4096, &random(4096, 2)));
     let got = loop {
-        match c.recv(Duration::from_secs(10)) {
+        match c.recv(Duration::from_secs(30)) {
             Recv::Frame(Frame::Ack { durable_seq }) if durable_seq < 2 => continue,
             other => break other,
         }
@@ -400,7 +404,7 @@ fn a_failed_fdatasync_is_never_acked() {
     );
     let mut log = String::new();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the session to end", Duration::from_secs(5), || {
+        wait_until("the session to end", Duration::from_secs(30), || {
             log = std::fs::read_to_string(t.path("gw.log")).unwrap_or_default();
             log.contains("session closed")
         })
