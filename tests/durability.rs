@@ -163,6 +163,10 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 
 const DISK: &str = "d1";
 
+/// How long a step may take before the gateway counts as hung. A bound, not a speed claim: it
+/// is generous because the CI machine has 2 cores and these tests run beside others.
+const WAIT: Duration = Duration::from_secs(30);
+
 // ---------------------------------------------------------------------------------------------
 // A writer that misses the drain deadline must still hold its disk: the next session starts
 // only after it has stopped, so its queued writes never land on top of newer acked ones.
@@ -181,20 +185,18 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
 
     // Session A: 8 MiB of data, a VERIFY checkpoint (whose copy takes ~8 s), then one more
     // write that the writer can only apply after the copy.
-    let (mut a, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
+    let (mut a, w) = session(gw.addr, DISK, size, &key, WAIT);
     assert_eq!(w.durable_seq, 0);
     for i in 0..8u64 {
         a.put(&data(i + 1, i * MIB, &random(MIB as usize, i)));
     }
-    a.expect_ack(8, Duration::from_secs(30));
+    a.expect_ack(8, WAIT);
     a.put(&checkpoint(9, CHECKPOINT_VERIFY, "c1"));
     let target = 20 * MIB;
     a.put(&data(10, target, &[0xAA; 4096]));
-    wait_until(
-        "the checkpoint's snapshot to be initiated",
-        Duration::from_secs(30),
-        || !snapshot_states(&t.data_dir(), DISK).is_empty(),
-    );
+    wait_until("the checkpoint's snapshot to be initiated", WAIT, || {
+        !snapshot_states(&t.data_dir(), DISK).is_empty()
+    });
     std::thread::sleep(Duration::from_millis(200));
 
     // Session B (the agent reconnecting) supersedes A; A's writer misses the 1 s drain deadline.
@@ -207,7 +209,7 @@ fn a_superseded_writer_never_overwrites_newer_acked_writes() {
     let last = w.durable_seq + 2;
     b.put(&data(w.durable_seq + 1, target, &[0xBB; 4096]));
     b.put(&data(last, target, &[0xCC; 4096]));
-    b.expect_ack(last, Duration::from_secs(30));
+    b.expect_ack(last, WAIT);
     assert_eq!(
         read_at(&gw.volume(DISK), target, 4096),
         vec![0xCC; 4096],
@@ -258,16 +260,16 @@ fn an_acked_snapshot_survives_a_crash_during_its_copy() {
         .disk(DISK, size, &t.key_path(DISK));
     let mut gw = Gateway::start(&cfg, &t.path("gw.toml"), &t.path("gw.log"));
 
-    let (mut a, _) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
+    let (mut a, _) = session(gw.addr, DISK, size, &key, WAIT);
     for i in 0..4u64 {
         a.put(&data(i + 1, i * MIB, &random(MIB as usize, 100 + i)));
     }
-    a.expect_ack(4, Duration::from_secs(30));
+    a.expect_ack(4, WAIT);
     a.put(&checkpoint(5, 0, "full-1"));
-    let snap = a.expect_checkpoint_ack(5, Duration::from_secs(30));
+    let snap = a.expect_checkpoint_ack(5, WAIT);
     // continuous replication goes on after the checkpoint
     a.put(&data(6, 0, &[0x55; 4096]));
-    a.expect_ack(6, Duration::from_secs(30));
+    a.expect_ack(6, WAIT);
     assert!(
         snapshot_states(&t.data_dir(), DISK)
             .iter()
@@ -278,18 +280,14 @@ fn an_acked_snapshot_survives_a_crash_during_its_copy() {
     drop(a);
 
     let gw = Gateway::start(&cfg, &t.path("gw.toml"), &t.path("gw2.log"));
-    let (_c, w) = session(gw.addr, DISK, size, &key, Duration::from_secs(30));
+    let (_c, w) = session(gw.addr, DISK, size, &key, WAIT);
     assert_eq!(w.checkpoint_seq, 5, "{w:?}");
     assert_eq!(w.snapshot_id, snap, "{w:?}");
-    wait_until(
-        "the resumed snapshot copy to complete",
-        Duration::from_secs(30),
-        || {
-            snapshot_states(&t.data_dir(), DISK)
-                .iter()
-                .any(|(id, s)| *id == snap && s == "completed")
-        },
-    );
+    wait_until("the resumed snapshot copy to complete", WAIT, || {
+        snapshot_states(&t.data_dir(), DISK)
+            .iter()
+            .any(|(id, s)| *id == snap && s == "completed")
+    });
     // The disk at checkpoint 5: four random MiB, then zeros (seq 6 came after).
     let mut expected = vec![0u8; size as usize];
     for i in 0..4u64 {
@@ -386,14 +384,14 @@ fn a_failed_fdatasync_is_never_acked() {
     });
     let addr = addr.unwrap();
 
-    let (mut c, _) = session(addr, DISK, size, &key, Duration::from_secs(30));
+    let (mut c, _) = session(addr, DISK, size, &key, WAIT);
     c.put(&data(1, 0, &random(4096, 1)));
-    c.expect_ack(1, Duration::from_secs(30));
+    c.expect_ack(1, WAIT);
     // The next fdatasync of the volume fails with EIO.
     std::fs::write(t.data_dir().join("FAIL_FDATASYNC"), b"").unwrap();
     c.put(&data(2, 4096, &random(4096, 2)));
     let got = loop {
-        match c.recv(Duration::from_secs(30)) {
+        match c.recv(WAIT) {
             Recv::Frame(Frame::Ack { durable_seq }) if durable_seq < 2 => continue,
             other => break other,
         }
@@ -404,7 +402,7 @@ fn a_failed_fdatasync_is_never_acked() {
     );
     let mut log = String::new();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until("the session to end", Duration::from_secs(30), || {
+        wait_until("the session to end", WAIT, || {
             log = std::fs::read_to_string(t.path("gw.log")).unwrap_or_default();
             log.contains("session closed")
         })
